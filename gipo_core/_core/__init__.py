@@ -1,0 +1,1 @@
+"""Array-API-only math: objectives, aggregation, diagnostics. Imports no framework."""
