@@ -87,11 +87,22 @@ def _guard(n: Any, xp: Any) -> Any:
     return xp.where(n == 0, 1.0, n)
 
 
-def _coefficient(m: Any, shape: tuple, spec: LossSpec, denominator: Any, wd: Any, xp: Any) -> Any:
-    """Per-element aggregation weight ``c`` with ``loss = sum(c * L)`` (a Python float when no mask is given)."""
-    n_time = shape[-1]
-    n_total = math.prod(shape)
-    n_seq_total = math.prod(shape[:-1])
+def _counts(x: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Element counts ``(time, total, sequences)`` of ``x``: Python ints when the shape is static, else 0-d
+    arrays counted at run time (a dimension unknown at trace time: ``tf.function`` under Keras ``fit``)."""
+    shape = tuple(x.shape)
+    if None not in shape:
+        return shape[-1], math.prod(shape), math.prod(shape[:-1])
+    ones = xp.ones_like(x)
+    n_total = xp.sum(ones)
+    n_seq = xp.sum(ones[..., :1])
+    return n_total / _guard(n_seq, xp), n_total, n_seq
+
+
+def _coefficient(m: Any, like: Any, spec: LossSpec, denominator: Any, wd: Any, xp: Any) -> Any:
+    """Per-element aggregation weight ``c`` with ``loss = sum(c * L)`` (a Python float when no mask is given
+    and the shape of ``like``, an array of the inputs' shape, is static)."""
+    n_time, n_total, n_seq_total = _counts(like, xp)
     given = spec.denominator if denominator is None else xp.astype(denominator, wd)
     agg = spec.agg
 
@@ -164,7 +175,7 @@ def forward(
             bw = xp.where(valid, bw, 0.0)
 
     terms = objective.terms(ell, adv, lp, opts, xp)
-    coef = _coefficient(m, tuple(logp.shape), spec, denominator, wd, xp)
+    coef = _coefficient(m, ell, spec, denominator, wd, xp)
     if bw is not None:
         coef = coef * bw
     if terms.grad is None:  # the per-element loss is its own gradient: one pass gives both
@@ -195,9 +206,10 @@ def diagnostics(ell: Any, adv: Any, mult: Any, valid: Any, spec: LossSpec, xp: A
     """
     objective = OBJECTIVES[spec.objective]
     wd = ell.dtype
-    n_total = math.prod(ell.shape)
+    static = None not in tuple(ell.shape)
+    n_total = math.prod(ell.shape) if static else None
     if valid is None:
-        n = float(n_total)
+        n = float(n_total) if static else _counts(ell, xp)[1]
         vmask = None
     else:
         vmask = xp.astype(valid, wd)
@@ -220,7 +232,7 @@ def diagnostics(ell: Any, adv: Any, mult: Any, valid: Any, spec: LossSpec, xp: A
             value = xp.max(masked(x, -math.inf))
         else:
             value = xp.min(masked(x, math.inf))
-        return value if valid is None else xp.where(n > 0, value, 0.0)
+        return value if valid is None and static else xp.where(n > 0, value, 0.0)
 
     omega = objective.weight(ell, adv, spec.opts, xp)
     rho = xp.exp(ell)
