@@ -1,0 +1,641 @@
+"""The conformance oracle: loss, gradient and diagnostics of every objective in arbitrary precision.
+
+Run as a script to (re)write ``conformance/golden/golden.json``::
+
+    python conformance/make_golden.py            # append cases whose id is new; never rewrites old ones
+    python conformance/make_golden.py --check    # recompute every stored case and compare (exit 1 on drift)
+
+Imported, it gives :func:`evaluate`, the oracle the suite also uses for its registry cases.
+
+The math is written here from the definitions (REFERENCE.md sections 1-4), independently of ``gipo_core``:
+nothing in this file imports the library. Every quantity is computed with mpmath at ``DPS`` (60) decimal
+digits from the inputs *as they are in the dtype under test* (the caller rounds them first), so the only
+error a correct implementation may show is its own floating-point error.
+
+Per element ``i`` (masked elements contribute nothing, whatever value sits there)::
+
+    l = logp - old_logp,  rho = exp(l)
+    gipo      w = exp(-l^2 / (2 s^2)) (laplace exp(-|l|/s), cauchy 1/(1+(l/s)^2)), s = sigma or sigma_neg (A <= 0)
+              u = w rho,          L = -A u,               g = -A u
+    ppo_clip  L = max(-A rho, -A clip(rho, 1-el, 1+eh)), then min(L, -c A) where A < 0 with dual clip c
+              u = rho where the unclipped term is the active one (ties: inclusive band) else 0, g = -A u
+    no_clip   u = rho,            L = -A rho,             g = -A rho
+    sapo      p = sigmoid(t (rho - 1)), t = tau_pos (A > 0) or tau_neg,  L = -A (4/t) p,  u = 4 p (1-p) rho
+    cispo     u = min(rho, clip_max), L = -u A logp,       g = -A u
+
+Aggregation: ``loss = sum_i c_i L_i`` and ``grad_i = c_i g_i`` with ``c_i = m_i b_i / D_i`` (mask weight ``m``,
+behaviour weight ``b``) and ``D_i`` per mode: token-mean ``N_tok`` (sum of m, or ``denominator``);
+seq-mean-token-sum ``N_seq`` (rows with sum(m) > 0, or ``denominator``); seq-mean-token-mean ``|y_i| N_seq``;
+seq-mean-token-sum-norm ``T`` (or ``denominator``). Zero denominators count as 1.
+
+Diagnostics over valid elements (all 0 when there is none): see ``METRICS`` below.
+
+What the suite reads besides the values
+---------------------------------------
+``scale``
+    An error scale per quantity: the sum (or mean) of ``|part| * kappa`` over the parts that a correct
+    float evaluation adds up, where ``kappa = 1 + |l| + |log w| + |t (rho - 1)|`` bounds how much a relative
+    rounding of the inputs of an ``exp`` is amplified. A correct implementation in a dtype with unit
+    roundoff ``eps`` is within ``C * eps * scale`` of the exact value (the suite's tolerances fix ``C``).
+``overflow``
+    True where a per-element intermediate that any evaluation in the work dtype must form (``u``, ``L``,
+    and ``rho`` itself for No-Clip and for PPO's ``A < 0`` side without dual clip) exceeds the work dtype's
+    range: the documented deviation (an inf there, a NaN where two such infs of opposite sign meet).
+``grad_alt``
+    Where a PPO decision (clip band, dual cap) is closer to its threshold than the work dtype can resolve,
+    the gradient of the other side, which the suite accepts too; diagnostics that count such decisions are
+    then marked ``ambiguous``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import mpmath
+import numpy as np
+
+DPS = 60
+GOLDEN = Path(__file__).with_name("golden") / "golden.json"
+
+#: Diagnostic names, in the library's documented order.
+METRICS = (
+    "weight_mean",
+    "weight_min",
+    "low_weight_frac",
+    "low_weight_frac_pos",
+    "low_weight_frac_neg",
+    "grad_mult_mean",
+    "grad_mult_max",
+    "ess",
+    "ratio_mean",
+    "ratio_max",
+    "log_ratio_abs_mean",
+    "log_ratio_abs_max",
+    "kl_k1",
+    "kl_k3",
+    "ppo_clip_frac",
+    "n_valid",
+)
+#: Diagnostics that count threshold decisions (exact only where no decision is ambiguous).
+COUNTING = ("low_weight_frac", "low_weight_frac_pos", "low_weight_frac_neg", "ppo_clip_frac")
+
+#: Unit roundoff and largest finite value of each dtype; the work dtype of float16/bfloat16/float32 is float32.
+EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+MAX = {
+    "float16": 65504.0,
+    "bfloat16": float(np.float32(3.3895313892515355e38)),
+    "float32": float(np.finfo(np.float32).max),
+    "float64": float(np.finfo(np.float64).max),
+}
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: Smallest positive normal (work dtypes) and subnormal (output dtypes) values.
+TINY_NORMAL = {"float32": 2.0**-126, "float64": 2.0**-1022}
+TINY_SUB = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149, "float64": 2.0**-1074}
+#: Error constant: a correct evaluation is within C * eps(work) * scale of the exact value (32 covers the
+#: handful of roundings per element, the pairwise or sequential sums over the small golden arrays and
+#: exp's last-bit error, amplified by kappa, which is in the scale).
+C_WORK = 32
+
+
+def work_dtype(dtype: str) -> str:
+    return "float64" if dtype == "float64" else "float32"
+
+
+#: Per-dtype tolerances (stored in the golden JSON with the data they were made for). For inputs of dtype d:
+#: |got - exact| <= rtol_work * scale + eps_out * |exact| + tiny_work for the loss and diagnostics (returned in
+#: the work dtype), and with eps_grad, tiny_work + tiny_grad for the gradient (returned in d).
+TOLERANCES = {
+    d: {
+        "work": work_dtype(d),
+        "rtol_work": C_WORK * EPS[work_dtype(d)],
+        "eps_out": EPS[work_dtype(d)],
+        "eps_grad": EPS[d],
+        "tiny_work": TINY_NORMAL[work_dtype(d)],
+        "tiny_grad": TINY_SUB[d],
+    }
+    for d in DTYPES
+}
+
+
+# ------------------------------------------------------------------------------------------ per element
+
+
+def _element(objective: str, opts: dict, ell: Any, adv: Any, logp: Any, work: str) -> dict:
+    """Exact per-element quantities (mpf) for one valid element."""
+    mp = mpmath.mp
+    rho = mp.exp(ell)
+    pos = adv > 0
+    ambiguous = False
+    alt_u = None
+    z = mp.mpf(0)
+    delta = 64 * EPS[work]  # decisions closer than this (relative) to a threshold are ambiguous in `work`
+    if objective == "gipo":
+        s = mp.mpf(opts.get("sigma", 1.0))
+        if opts.get("sigma_neg") is not None and not pos:
+            s = mp.mpf(opts["sigma_neg"])
+        kernel = opts.get("kernel", "gaussian")
+        if kernel == "gaussian":
+            log_w = -(ell * ell) / (2 * s * s)
+        elif kernel == "laplace":
+            log_w = -abs(ell) / s
+        else:
+            log_w = -mp.log1p((ell / s) ** 2)
+        w = mp.exp(log_w)
+        u = mp.exp(ell + log_w)
+        loss = -adv * u
+    elif objective == "ppo_clip":
+        lo = 1 - mp.mpf(opts.get("clip_low", 0.2))
+        hi = 1 + mp.mpf(opts.get("clip_high", 0.2))
+        unclipped = -adv * rho
+        clipped = -adv * min(max(rho, lo), hi)
+        active = unclipped >= clipped
+        loss = unclipped if active else clipped
+        if adv != 0 and (abs(rho / lo - 1) < delta or abs(rho / hi - 1) < delta):
+            ambiguous = True
+        dual = opts.get("dual_clip")
+        if dual is not None and adv < 0:
+            cap = -mp.mpf(dual) * adv
+            if abs(cap / loss - 1) < delta:
+                ambiguous = True
+            if cap < loss:
+                loss = cap
+                active = False
+        w = mp.mpf(1) if active else mp.mpf(0)
+        u = rho if active else mp.mpf(0)
+        if ambiguous:
+            alt_u = mp.mpf(0) if active else rho
+        log_w = mp.mpf(0)
+    elif objective == "no_clip":
+        w, u, loss, log_w = mp.mpf(1), rho, -adv * rho, mp.mpf(0)
+    elif objective == "sapo":
+        t = mp.mpf(opts.get("tau_pos", 1.0) if pos else opts.get("tau_neg", 1.05))
+        z = t * mp.expm1(ell)
+        p = 1 / (1 + mp.exp(-z))
+        w = 4 * p * (1 - p)
+        log_w = mp.log(w) if w > 0 else -abs(z)
+        u = w * rho
+        loss = -adv * (4 / t) * p
+    elif objective == "cispo":
+        c = mp.mpf(opts.get("clip_max", 5.0))
+        u = min(rho, c)
+        w = u / rho if rho > 0 else mp.mpf(1)
+        log_w = mp.mpf(0)
+        loss = -u * adv * logp
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    grad = -adv * u
+    grad_alt = None if alt_u is None else -adv * alt_u
+    kappa = 1 + abs(ell) + abs(log_w) + abs(z)
+    # Intermediates an evaluation in the work dtype has to form.
+    inter_loss = [loss, u]
+    if objective == "no_clip" or (objective == "ppo_clip" and adv < 0 and opts.get("dual_clip") is None):
+        inter_loss.append(rho)
+    return dict(
+        rho=rho, w=w, u=u, loss=loss, grad=grad, grad_alt=grad_alt, kappa=kappa, ambiguous=ambiguous,
+        inter_loss=inter_loss, ell=ell, adv=adv,
+        near_half=abs(w / mp.mpf(0.5) - 1) < delta * kappa,
+        near_clip=abs(rho / mp.mpf(1.2) - 1) < delta * kappa or abs(rho / mp.mpf(0.8) - 1) < delta * kappa,
+    )
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def _coefficients(mw: np.ndarray, bw: np.ndarray, agg: str, denominator: float | None) -> np.ndarray:
+    """Per-element aggregation weights ``c`` (object array of mpf) for mask weights ``mw``."""
+    mp = mpmath.mp
+    shape = mw.shape
+    guard = lambda d: d if d != 0 else mp.mpf(1)  # noqa: E731
+    rows = mw.reshape(-1, shape[-1])
+    if agg == "token-mean":
+        d = mp.mpf(denominator) if denominator is not None else mp.fsum(mw.ravel())
+        c = mw / guard(d)
+    elif agg == "seq-mean-token-sum-norm":
+        d = mp.mpf(denominator) if denominator is not None else mp.mpf(shape[-1])
+        c = mw / guard(d)
+    else:
+        per_seq = [mp.fsum(r) for r in rows]
+        n_seq = mp.mpf(denominator) if denominator is not None else mp.mpf(sum(1 for s in per_seq if s > 0))
+        c = np.empty(rows.shape, dtype=object)
+        for i, r in enumerate(rows):
+            for j, m in enumerate(r):
+                if agg == "seq-mean-token-sum":
+                    c[i, j] = m / guard(n_seq)
+                else:
+                    c[i, j] = m / (guard(per_seq[i]) * guard(n_seq))
+        c = c.reshape(shape)
+    return c * bw
+
+
+# ------------------------------------------------------------------------------------------ the oracle
+
+
+def _mp_array(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape, dtype=object)
+    for idx, v in np.ndenumerate(x):
+        out[idx] = mpmath.mpf(float(v))
+    return out
+
+
+def evaluate(
+    objective: str,
+    options: dict,
+    agg: str,
+    logp: np.ndarray,
+    old_logp: np.ndarray,
+    advantages: np.ndarray,
+    mask: np.ndarray | None = None,
+    behavior_weights: np.ndarray | None = None,
+    denominator: float | None = None,
+    work: str = "float64",
+) -> dict:
+    """Exact loss, gradient, diagnostics and error scales for float64-valued inputs.
+
+    Parameters
+    ----------
+    objective : {'gipo', 'ppo_clip', 'no_clip', 'sapo', 'cispo'}
+    options : dict
+        The objective's options (missing ones take the documented defaults).
+    agg : str
+        Aggregation mode.
+    logp, old_logp : ndarray of float64, shape (..., T)
+        The inputs, already rounded to the dtype under test.
+    advantages : ndarray of float64, shape (..., T) or (..., 1)
+    mask : ndarray of bool or float64, shape (..., T), optional
+    behavior_weights : ndarray of float64, shape (..., T), optional
+    denominator : float, optional
+    work : {'float32', 'float64'}
+        The dtype the implementation computes in (decides overflow and ambiguity flags).
+
+    Returns
+    -------
+    dict
+        ``loss`` (float), ``grad`` and ``grad_alt`` (ndarrays of float64, ``grad_alt`` NaN where no
+        alternative), ``metrics`` (dict of float), ``scale`` (dict of float per quantity: ``loss``,
+        ``grad`` (an array), each metric), ``overflow`` (dict of bool per quantity), ``ambiguous``
+        (set of metric names). Values are the exact ones rounded to float64 (inf beyond its range).
+    """
+    with mpmath.workdps(DPS):
+        return _evaluate(objective, options, agg, logp, old_logp, advantages, mask, behavior_weights, denominator, work)
+
+
+def _evaluate(objective, options, agg, logp, old_logp, advantages, mask, behavior_weights, denominator, work):
+    mp = mpmath.mp
+    shape = logp.shape
+    adv_full = np.broadcast_to(advantages, shape)
+    if mask is None:
+        valid = np.ones(shape, dtype=bool)
+        mw = np.ones(shape)
+    else:
+        valid = mask != 0
+        mw = mask.astype(np.float64)
+    bw = np.ones(shape) if behavior_weights is None else np.where(valid, behavior_weights, 0.0)
+    c = _coefficients(_mp_array(mw), _mp_array(bw), agg, denominator)
+    work_max = MAX[work]
+    zero = mp.mpf(0)
+    loss = zero
+    loss_scale = zero
+    grad = np.zeros(shape)
+    grad_alt = np.full(shape, np.nan)
+    grad_scale = np.zeros(shape)
+    overflow = {"loss": False, "grad": False}
+    elems = []
+    for idx in np.ndindex(*shape):
+        if not valid[idx]:
+            continue
+        e = _element(
+            objective,
+            options,
+            mp.mpf(float(logp[idx])) - mp.mpf(float(old_logp[idx])),
+            mp.mpf(float(adv_full[idx])),
+            mp.mpf(float(logp[idx])),
+            work,
+        )
+        elems.append(e)
+        ci = c[idx]
+        loss += ci * e["loss"]
+        loss_scale += abs(ci * e["loss"]) * e["kappa"]
+        g = ci * e["grad"]
+        grad[idx] = _to_float(g)
+        grad_scale[idx] = _to_float(abs(g) * e["kappa"])
+        if e["grad_alt"] is not None:
+            grad_alt[idx] = _to_float(ci * e["grad_alt"])
+        if ci != 0:
+            overflow["loss"] |= any(abs(x) > work_max for x in e["inter_loss"])
+            overflow["grad"] |= abs(e["u"]) > work_max or abs(e["grad"]) > work_max
+    metrics, mscale, moverflow, ambiguous = _diagnostics(elems, work)
+    overflow.update(moverflow)
+    if objective == "ppo_clip":
+        if any(e["ambiguous"] for e in elems):
+            ambiguous |= {"weight_mean", "weight_min", "grad_mult_mean", "grad_mult_max", "ess", *COUNTING[:3]}
+    return dict(
+        loss=_to_float(loss),
+        grad=grad,
+        grad_alt=grad_alt,
+        metrics=metrics,
+        scale={"loss": _to_float(loss_scale), "grad": grad_scale, **mscale},
+        overflow=overflow,
+        ambiguous=ambiguous,
+    )
+
+
+def _diagnostics(elems: list, work: str) -> tuple[dict, dict, dict, set]:
+    mp = mpmath.mp
+    n = len(elems)
+    metrics: dict = {}
+    scale: dict = {}
+    overflow: dict = {}
+    work_max = MAX[work]
+    names_zero = {k: 0.0 for k in METRICS}
+    if n == 0:
+        return names_zero, dict(names_zero), {k: False for k in METRICS}, set()
+
+    def put(name: str, value: Any, parts: list, kappas: list, how: str) -> None:
+        metrics[name] = _to_float(value)
+        mags = [abs(p) * k for p, k in zip(parts, kappas)]
+        scale[name] = _to_float(mp.fsum(mags) / n if how == "mean" else max(mags))
+        overflow[name] = any(abs(p) > work_max for p in parts)
+
+    kap = [e["kappa"] for e in elems]
+    ws = [e["w"] for e in elems]
+    us = [e["u"] for e in elems]
+    rhos = [e["rho"] for e in elems]
+    ells = [e["ell"] for e in elems]
+    advs = [e["adv"] for e in elems]
+    put("weight_mean", mp.fsum(ws) / n, ws, kap, "mean")
+    put("weight_min", min(ws), ws, kap, "max")
+    low = [w < mp.mpf(0.5) for w in ws]
+    metrics["low_weight_frac"] = sum(low) / n
+    metrics["low_weight_frac_pos"] = sum(l_ and a > 0 for l_, a in zip(low, advs)) / n
+    metrics["low_weight_frac_neg"] = sum(l_ and a <= 0 for l_, a in zip(low, advs)) / n
+    put("grad_mult_mean", mp.fsum(us) / n, us, kap, "mean")
+    put("grad_mult_max", max(us), us, kap, "max")
+    su2 = mp.fsum(u * u for u in us)
+    metrics["ess"] = _to_float(mp.fsum(us) ** 2 / (n * su2)) if su2 != 0 else 0.0
+    scale["ess"] = _to_float(max(kap))
+    overflow["ess"] = any(u > work_max for u in us)  # where u overflows, implementations differ (documented)
+    put("ratio_mean", mp.fsum(rhos) / n, rhos, kap, "mean")
+    put("ratio_max", max(rhos), rhos, kap, "max")
+    abs_l = [abs(x) for x in ells]
+    put("log_ratio_abs_mean", mp.fsum(abs_l) / n, abs_l, kap, "mean")
+    put("log_ratio_abs_max", max(abs_l), abs_l, kap, "max")
+    put("kl_k1", -mp.fsum(ells) / n, ells, kap, "mean")
+    em1 = [mp.expm1(-x) for x in ells]
+    metrics["kl_k3"] = _to_float(mp.fsum(a + b for a, b in zip(em1, ells)) / n)
+    scale["kl_k3"] = _to_float(mp.fsum((abs(a) + abs(b)) * k for a, b, k in zip(em1, ells, kap)) / n)
+    overflow["kl_k3"] = any(abs(a) > work_max for a in em1)
+    hi, lo = mp.mpf(1.2), mp.mpf(0.8)
+    metrics["ppo_clip_frac"] = sum((r > hi and a > 0) or (r < lo and a < 0) for r, a in zip(rhos, advs)) / n
+    metrics["n_valid"] = float(n)
+    for name in COUNTING + ("n_valid",):
+        scale[name] = abs(metrics[name])  # count / n: a couple of roundings
+        overflow[name] = False
+    ambiguous = set()
+    if any(e["near_half"] for e in elems):
+        ambiguous |= {"low_weight_frac", "low_weight_frac_pos", "low_weight_frac_neg"}
+    if any(e["near_clip"] for e in elems):
+        ambiguous.add("ppo_clip_frac")
+    return {k: float(metrics[k]) for k in METRICS}, scale, overflow, ambiguous
+
+
+def _to_float(x: Any) -> float:
+    """Round an mpf to float64 (inf beyond its range)."""
+    if mpmath.isinf(x) or mpmath.isnan(x):
+        return float(x)
+    if abs(x) > mpmath.mpf(MAX["float64"]):
+        return math.copysign(math.inf, float(mpmath.sign(x)))
+    return float(x)
+
+
+# ------------------------------------------------------------------------------------------ rounding
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (round to nearest even) and returned as float64 (exactly representable).
+
+    bfloat16 is rounded from float32 by bit arithmetic, so no bfloat16 library is needed.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float64":
+        return x.copy()
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    x32 = x.astype(np.float32)
+    if dtype == "float32":
+        return x32.astype(np.float64)
+    bits = x32.view(np.uint32).astype(np.uint64)
+    finite = np.isfinite(x32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    out = np.where(finite, rounded, bits).astype(np.uint32).view(np.float32)
+    return out.astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------ golden cases
+
+
+def _ladder() -> list[float]:
+    """Log-ratios in the hard regions: |l| near 0, 1e-4, sigma^2 (1, 0.25, 4), 11, 89, 710, 1e4."""
+    core = [0.0, 1e-8, -1e-8, 1e-4, -1e-4, 0.25, 1.0, -1.0, 4.0, 11.0, -11.0, 88.5, -88.5, 89.0, -89.0]
+    return core + [709.5, 710.0, -710.0, 1e4, -1e4]
+
+
+def _ladder_inputs(seed: int, ells: list[float], adv_pattern: str = "mixed") -> dict:
+    rng = np.random.default_rng(seed)
+    n = len(ells)
+    logp = -rng.uniform(0.05, 2.0, n)
+    old = logp - np.array(ells)
+    if adv_pattern == "mixed":
+        adv = np.where(np.arange(n) % 2 == 0, 1.0, -1.0) * rng.uniform(0.5, 1.5, n)
+    elif adv_pattern == "pos":
+        adv = rng.uniform(0.5, 1.5, n)
+    else:
+        adv = -rng.uniform(0.5, 1.5, n)
+    return {"logp": logp, "old_logp": old, "advantages": adv}
+
+
+def _ties(seed: int, boundaries: list[float], adv_signs: list[float]) -> dict:
+    """Ratios next to (never on) clip boundaries: rho = b (1 +- 1e-9), b (1 +- 1e-6), b (1 +- 1e-3)."""
+    rng = np.random.default_rng(seed)
+    ells = []
+    advs = []
+    for b in boundaries:
+        for rel in (1e-9, 1e-6, 1e-3):
+            for sgn in (1.0, -1.0):
+                for a in adv_signs:
+                    ells.append(math.log(b) + math.log1p(sgn * rel))
+                    advs.append(a * rng.uniform(0.5, 1.5))
+    n = len(ells)
+    logp = -rng.uniform(0.05, 0.5, n)
+    return {"logp": logp, "old_logp": logp - np.array(ells), "advantages": np.array(advs)}
+
+
+def _batch_inputs(seed: int, shape: tuple, per_sequence: bool = False, scale: float = 0.5) -> dict:
+    rng = np.random.default_rng(seed)
+    logp = -rng.uniform(0.05, 3.0, shape)
+    old = logp - rng.normal(0.0, scale, shape)
+    adv_shape = shape[:-1] + (1,) if per_sequence else shape
+    return {"logp": logp, "old_logp": old, "advantages": rng.normal(0.0, 1.0, adv_shape)}
+
+
+def golden_cases() -> list[dict]:
+    """The fixed, seeded golden cases (ids are permanent: the data is append-only)."""
+    cases = []
+
+    def add(cid: str, objective: str, options: dict, inputs: dict, agg: str = "token-mean", **extra: Any) -> None:
+        cases.append(dict(id=cid, objective=objective, options=options, agg=agg, inputs=inputs, **extra))
+
+    ladder = _ladder()
+    small = [x for x in ladder if abs(x) <= 11.0]
+    for sigma in (0.05, 0.5, 1.0, 2.0, 10.0):
+        add(f"gipo-gaussian-s{sigma:g}-ladder", "gipo", {"sigma": sigma}, _ladder_inputs(10, ladder))
+    add("gipo-gaussian-s30-ladder", "gipo", {"sigma": 30.0}, _ladder_inputs(11, ladder, "pos"))
+    add("gipo-gaussian-s100-ladder", "gipo", {"sigma": 100.0}, _ladder_inputs(12, ladder, "pos"))
+    add("gipo-gaussian-s1-sneg0.5-ladder", "gipo", {"sigma": 1.0, "sigma_neg": 0.5}, _ladder_inputs(13, ladder))
+    add("gipo-gaussian-s0.3-sneg2-ladder", "gipo", {"sigma": 0.3, "sigma_neg": 2.0}, _ladder_inputs(14, ladder))
+    for kernel in ("laplace", "cauchy"):
+        for sigma in (0.1, 1.0, 5.0):
+            add(f"gipo-{kernel}-s{sigma:g}-ladder", "gipo", {"sigma": sigma, "kernel": kernel},
+                _ladder_inputs(15, ladder if sigma < 5 else small + [88.5, -88.5, -1e4]))
+    add("gipo-laplace-s1-sneg0.5-ladder", "gipo", {"sigma": 1.0, "sigma_neg": 0.5, "kernel": "laplace"},
+        _ladder_inputs(16, ladder))
+    add("ppo-ties", "ppo_clip", {}, _ties(20, [0.8, 1.2], [1.0, -1.0]))
+    add("ppo-asym-ties", "ppo_clip", {"clip_low": 0.1, "clip_high": 0.28}, _ties(21, [0.9, 1.28], [1.0, -1.0]))
+    add("ppo-dual-ties", "ppo_clip", {"dual_clip": 3.0}, _ties(22, [0.8, 1.2, 3.0], [-1.0]))
+    add("ppo-pos-ladder", "ppo_clip", {}, _ladder_inputs(23, ladder, "pos"))
+    add("ppo-dual-ladder", "ppo_clip", {"dual_clip": 3.0}, _ladder_inputs(24, ladder))
+    add("ppo-small-ladder", "ppo_clip", {}, _ladder_inputs(25, small))
+    add("no_clip-small-ladder", "no_clip", {}, _ladder_inputs(30, small + [80.0, -1e4]))
+    add("sapo-ladder", "sapo", {}, _ladder_inputs(40, ladder))
+    add("sapo-tau2-ladder", "sapo", {"tau_pos": 1.0, "tau_neg": 2.0}, _ladder_inputs(41, ladder))
+    add("cispo-ladder", "cispo", {}, _ladder_inputs(50, ladder))
+    add("cispo-clip2-ties", "cispo", {"clip_max": 2.0}, _ties(51, [2.0], [1.0, -1.0]))
+    # Aggregation, masks, weights and denominators on a (4, 6) batch with hard log-ratios in it.
+    rng = np.random.default_rng(60)
+    batch = _batch_inputs(60, (4, 6))
+    batch["old_logp"][0, :4] = batch["logp"][0, :4] - np.array([1e-4, 11.0, 89.0, -89.0])
+    mask = rng.uniform(size=(4, 6)) < 0.7
+    mask[2] = False  # an all-masked row
+    mask[0, :4] = True
+    planted = {k: v.copy() for k, v in batch.items()}
+    planted["logp"][~mask] = np.nan
+    planted["old_logp"][1, ~mask[1]] = np.inf
+    planted["advantages"][3, ~mask[3]] = -np.inf
+    bw = rng.uniform(0.5, 1.5, (4, 6))
+    fmask = np.where(mask, rng.uniform(0.25, 1.0, (4, 6)), 0.0)
+    for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        add(f"gipo-batch-{agg}-boolmask-nan", "gipo", {"sigma": 1.0, "sigma_neg": 0.5},
+            dict(planted, mask=mask), agg=agg)
+        add(f"gipo-batch-{agg}-floatmask-bw-denom", "gipo", {"sigma": 0.5},
+            dict(batch, mask=fmask, behavior_weights=bw), agg=agg, denominator=7.0)
+    seq = _batch_inputs(61, (3, 5), per_sequence=True)
+    for objective, opts in (("ppo_clip", {"dual_clip": 3.0}), ("sapo", {}), ("cispo", {}), ("no_clip", {})):
+        add(f"{objective}-perseq-seq-mean-token-mean", objective, opts, seq, agg="seq-mean-token-mean")
+    empty = {k: np.zeros((2, 3)) for k in ("logp", "old_logp", "advantages")}
+    empty["logp"][:] = np.nan
+    for objective in ("gipo", "ppo_clip", "no_clip", "sapo", "cispo"):
+        add(f"{objective}-all-masked", objective, {}, dict(empty, mask=np.zeros((2, 3), dtype=bool)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------ JSON
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        if x.dtype == bool:
+            return x.tolist()
+        return [_jsonable(v) for v in x.tolist()] if x.ndim else float(x)
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else repr(x)  # 'nan', 'inf', '-inf'
+    return x
+
+
+def decode(x: Any) -> Any:
+    """Inverse of the JSON encoding: strings 'nan', 'inf', '-inf' back to floats, recursively."""
+    if isinstance(x, list):
+        return [decode(v) for v in x]
+    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
+        return float(x)
+    return x
+
+
+def golden_entry(case: dict) -> dict:
+    """A case with its inputs rounded to each dtype and the oracle's answer for those inputs."""
+    raw = case["inputs"]
+    per_dtype = {}
+    for dtype in DTYPES:
+        inputs = {}
+        for k, v in raw.items():
+            inputs[k] = v.copy() if v.dtype == bool else round_to(v, dtype)
+        res = evaluate(
+            case["objective"], case["options"], case["agg"], inputs["logp"], inputs["old_logp"],
+            inputs["advantages"], inputs.get("mask"), inputs.get("behavior_weights"), case.get("denominator"),
+            work_dtype(dtype),
+        )
+        per_dtype[dtype] = {
+            "inputs": {k: _jsonable(v) for k, v in inputs.items()},
+            "expected": {
+                "loss": _jsonable(res["loss"]),
+                "grad": _jsonable(res["grad"]),
+                "grad_alt": _jsonable(res["grad_alt"]),
+                "metrics": {k: _jsonable(v) for k, v in res["metrics"].items()},
+                "scale": {k: _jsonable(v) for k, v in res["scale"].items()},
+                "overflow": res["overflow"],
+                "ambiguous": sorted(res["ambiguous"]),
+            },
+        }
+    out = {k: case[k] for k in ("id", "objective", "options", "agg")}
+    out["denominator"] = case.get("denominator")
+    out["dtypes"] = per_dtype
+    return out
+
+
+def provenance() -> dict:
+    return {
+        "generator": "conformance/make_golden.py",
+        "mpmath": mpmath.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "dps": DPS,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="recompute stored cases and report drift")
+    parser.add_argument("--out", type=Path, default=GOLDEN)
+    args = parser.parse_args(argv)
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {"provenance": [], "cases": []}
+    known = {c["id"]: c for c in stored["cases"]}
+    if args.check:
+        drift = []
+        for case in golden_cases():
+            if case["id"] in known and json.dumps(golden_entry(case)) != json.dumps(known[case["id"]]):
+                drift.append(case["id"])
+        print("drift in: " + ", ".join(drift) if drift else f"{len(known)} stored cases reproduce exactly")
+        return 1 if drift else 0
+    new = [golden_entry(c) for c in golden_cases() if c["id"] not in known]
+    if not new:
+        print(f"nothing to add ({len(known)} cases stored)")
+        return 0
+    stored["provenance"].append(dict(provenance(), added=[c["id"] for c in new]))
+    stored["tolerances"] = TOLERANCES
+    stored["cases"].extend(new)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(stored, separators=(",", ":")) + "\n")
+    print(f"added {len(new)} cases to {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

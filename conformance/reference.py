@@ -1,0 +1,74 @@
+"""A straightforward reference of every objective, written with a framework's differentiable ops.
+
+Its gradient comes from the framework's plain autodiff, with the methods' stop-gradients written the obvious
+way (the literal ``exp(l) * exp(-l^2 / 2 s^2)`` form is fine here: the registry's inputs are moderate and the
+reference runs in float64). The suite checks each adapter's custom gradient against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .drivers import Ops
+
+
+def reference_loss(
+    ops: Ops,
+    objective: str,
+    opts: dict,
+    agg: str,
+    logp: Any,
+    old_logp: Any,
+    adv: Any,
+    mask: Any,
+    bw: Any,
+    denominator: float | None,
+) -> Any:
+    """Scalar loss; ``mask`` and ``bw`` are float arrays of ``logp``'s shape (ones when absent), inputs finite."""
+    sg = ops.stop_gradient
+    valid = mask != 0
+    ell = logp - old_logp
+    adv = adv + 0.0 * logp  # broadcast a (..., 1) advantage the explicit way
+    rho = ops.exp(ell)
+    pos = adv > 0
+    if objective == "gipo":
+        s_pos = opts.get("sigma", 1.0)
+        s_neg = opts.get("sigma_neg") or s_pos
+        s = ops.where(pos, ops.full_like(ell, s_pos), ops.full_like(ell, s_neg))
+        kernel = opts.get("kernel", "gaussian")
+        if kernel == "gaussian":
+            w = ops.exp(-(ell * ell) / (2.0 * s * s))
+        elif kernel == "laplace":
+            w = ops.exp(-ops.abs(ell) / s)
+        else:
+            w = 1.0 / (1.0 + (ell / s) ** 2)
+        per = -sg(w) * rho * adv
+    elif objective == "ppo_clip":
+        lo, hi = 1.0 - opts.get("clip_low", 0.2), 1.0 + opts.get("clip_high", 0.2)
+        per = ops.maximum(-adv * rho, -adv * ops.minimum(ops.maximum(rho, ops.full_like(rho, lo)), ops.full_like(rho, hi)))
+        if opts.get("dual_clip") is not None:
+            per = ops.where(adv < 0, ops.minimum(per, -opts["dual_clip"] * adv), per)
+    elif objective == "no_clip":
+        per = -adv * rho
+    elif objective == "sapo":
+        tau = ops.where(pos, ops.full_like(ell, opts.get("tau_pos", 1.0)), ops.full_like(ell, opts.get("tau_neg", 1.05)))
+        per = -adv * (4.0 / tau) * ops.sigmoid(tau * (rho - 1.0))
+    else:  # cispo
+        per = -sg(ops.minimum(rho, ops.full_like(rho, opts.get("clip_max", 5.0)))) * adv * logp
+    m = mask
+    one = lambda x: ops.full_like(x, 1.0)  # noqa: E731
+    if agg == "token-mean":
+        total = ops.sum(m)
+        coef = m / (denominator if denominator is not None else ops.where(total > 0, total, one(total)))
+    elif agg == "seq-mean-token-sum-norm":
+        coef = m / (denominator if denominator is not None else logp.shape[-1])
+    else:
+        per_seq = ops.sum(m, axis=-1, keepdims=True)
+        n_seq = ops.sum(ops.where(per_seq > 0, one(per_seq), 0.0 * per_seq))
+        n_seq = denominator if denominator is not None else ops.where(n_seq > 0, n_seq, one(n_seq))
+        if agg == "seq-mean-token-sum":
+            coef = m / n_seq
+        else:
+            coef = m / (ops.where(per_seq > 0, per_seq, one(per_seq)) * n_seq)
+    coef = sg(coef * bw)
+    return ops.sum(ops.where(valid, coef * per, 0.0 * per))

@@ -1,0 +1,287 @@
+"""The one registry of cases, the golden data loader and the comparison rules every check shares.
+
+A :class:`Case` is an objective with one option set, an aggregation mode, a mask variant, a shape, a
+``denominator`` variant and optional ``behavior_weights``, with seeded inputs. The registry crosses every
+option set with every aggregation mode and rotates the other dimensions through them, so each mask, shape,
+denominator and weight variant meets every objective and every mode somewhere without the full product.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import make_golden as oracle
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+PUBLIC = {"gipo": "gipo_loss", "ppo_clip": "ppo_clip_loss", "no_clip": "no_clip_loss", "sapo": "sapo_loss",
+          "cispo": "cispo_loss"}
+
+#: (objective, label, options): every objective with several option sets.
+OPTION_SETS = (
+    ("gipo", "s1", {"sigma": 1.0}),
+    ("gipo", "s0.05", {"sigma": 0.05}),
+    ("gipo", "s10", {"sigma": 10.0}),
+    ("gipo", "s1-sneg0.5", {"sigma": 1.0, "sigma_neg": 0.5}),
+    ("gipo", "laplace-s0.5", {"sigma": 0.5, "kernel": "laplace"}),
+    ("gipo", "cauchy-s2-sneg0.7", {"sigma": 2.0, "sigma_neg": 0.7, "kernel": "cauchy"}),
+    ("ppo_clip", "eps0.2", {}),
+    ("ppo_clip", "asym-dual3", {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 3.0}),
+    ("no_clip", "plain", {}),
+    ("sapo", "default", {}),
+    ("sapo", "tauneg2", {"tau_pos": 1.0, "tau_neg": 2.0}),
+    ("cispo", "default", {}),
+    ("cispo", "max1.5", {"clip_max": 1.5}),
+)
+#: Mask variants: none, bool, float weights, some all-masked rows, an all-masked batch, NaN/inf planted at
+#: masked positions (of every input).
+MASKS = ("none", "bool", "float", "rows", "all", "nan")
+#: Shapes: 1-D, (B, T) with per-element advantages, (B, T) with per-sequence (B, 1) advantages, zero-length.
+SHAPES = {"1d": ((9,), False), "bt": ((3, 5), False), "bt-perseq": ((4, 5), True), "zero": ((0, 5), False)}
+DENOMINATORS = ("none", "number", "array")
+
+
+@dataclass(frozen=True)
+class Case:
+    objective: str
+    label: str
+    options: tuple
+    agg: str
+    mask: str
+    shape: str
+    denominator: str
+    weights: bool
+    seed: int
+    id: str = field(default="")
+
+    @property
+    def fn_name(self) -> str:
+        return PUBLIC[self.objective]
+
+    @property
+    def opts(self) -> dict:
+        return dict(self.options)
+
+    def inputs(self) -> dict:
+        """Seeded float64 inputs (NaN/inf planted at masked positions for the 'nan' variant)."""
+        return _inputs(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _inputs_cached(case: Case) -> dict:
+    shape, per_seq = SHAPES[case.shape]
+    rng = np.random.default_rng(case.seed)
+    logp = -rng.uniform(0.05, 3.0, shape)
+    old = logp - rng.normal(0.0, 0.6, shape)
+    adv = rng.normal(0.0, 1.0, shape[:-1] + (1,) if per_seq else shape)
+    out = {"logp": logp, "old_logp": old, "advantages": adv}
+    if case.mask != "none":
+        valid = rng.uniform(size=shape) < 0.7
+        if case.mask == "rows" and valid.ndim == 2:
+            valid[::2] = False
+        if case.mask in ("all",) or (case.mask == "rows" and valid.ndim == 1):
+            valid[...] = False
+        if valid.ndim == 2 and valid.shape[0] > 1 and case.mask not in ("all", "rows"):
+            valid[-1, 0] = True  # at least one valid element outside the all-masked variants
+        if case.mask == "float":
+            out["mask"] = np.where(valid, rng.uniform(0.2, 1.0, shape), 0.0)
+        else:
+            out["mask"] = valid
+    if case.weights:
+        out["behavior_weights"] = rng.uniform(0.5, 1.5, shape)
+    if case.mask == "nan":
+        bad = ~out["mask"]
+        out["logp"] = np.where(bad, np.nan, logp)
+        out["old_logp"] = np.where(bad, np.inf, old)
+        if not per_seq:
+            out["advantages"] = np.where(bad, -np.inf, adv)
+        if case.weights:
+            out["behavior_weights"] = np.where(bad, np.nan, out["behavior_weights"])
+    return out
+
+
+def _inputs(case: Case) -> dict:
+    return {k: v.copy() for k, v in _inputs_cached(case).items()}
+
+
+def denominator_value(case: Case, inputs: dict) -> float | None:
+    """A global denominator for the case: a 'world' count larger than the local one."""
+    if case.denominator == "none":
+        return None
+    shape = inputs["logp"].shape
+    if case.agg == "token-mean":
+        return float(math.prod(shape) + 3)
+    if case.agg == "seq-mean-token-sum-norm":
+        return float(shape[-1] + 2)
+    return float(math.prod(shape[:-1]) + 1)
+
+
+def _make_registry() -> list[Case]:
+    cases = []
+    shapes = list(SHAPES)
+    k = 0
+    for objective, label, opts in OPTION_SETS:
+        for agg in AGG_MODES:
+            mask = MASKS[k % len(MASKS)]
+            shape = shapes[(k // 2 + k) % len(shapes)]
+            if shape == "zero" and mask in ("float", "nan"):
+                shape = "bt"
+            denom = DENOMINATORS[k % len(DENOMINATORS)]
+            weights = k % 4 in (1, 2)
+            cid = f"{objective}-{label}-{agg}-mask_{mask}-{shape}-den_{denom}" + ("-bw" if weights else "")
+            cases.append(Case(objective, label, tuple(opts.items()), agg, mask, shape, denom, weights, 1000 + k, cid))
+            k += 1
+    return cases
+
+
+REGISTRY: list[Case] = _make_registry()
+
+
+def one_per_option_set(agg: str | None = None) -> list[Case]:
+    """The first registry case of each option set (with ``agg`` if given), on a (B, T) shape."""
+    seen: dict = {}
+    for c in REGISTRY:
+        if (c.objective, c.label) not in seen and (agg is None or c.agg == agg):
+            seen[(c.objective, c.label)] = c
+    return list(seen.values())
+
+
+def one_per_objective() -> list[Case]:
+    seen: dict = {}
+    for c in REGISTRY:
+        if c.shape != "zero" and c.mask not in ("all",):
+            seen.setdefault(c.objective, c)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------- golden
+
+
+GOLDEN = json.loads(oracle.GOLDEN.read_text()) if oracle.GOLDEN.exists() else {"cases": [], "tolerances": {}}
+
+
+def golden_cases() -> list[dict]:
+    return GOLDEN["cases"]
+
+
+def golden_inputs(case: dict, dtype: str) -> dict:
+    """The stored inputs of a golden case, already rounded to ``dtype``, as NumPy arrays."""
+    out = {}
+    for k, v in case["dtypes"][dtype]["inputs"].items():
+        a = np.array(oracle.decode(v))
+        out[k] = a if a.dtype == bool else a.astype(np.float64)
+    return out
+
+
+def golden_expected(case: dict, dtype: str) -> dict:
+    e = case["dtypes"][dtype]["expected"]
+    return dict(
+        loss=float(oracle.decode(e["loss"])),
+        grad=np.array(oracle.decode(e["grad"]), dtype=np.float64),
+        grad_alt=np.array(oracle.decode(e["grad_alt"]), dtype=np.float64),
+        metrics={k: float(oracle.decode(v)) for k, v in e["metrics"].items()},
+        scale={k: (np.array(oracle.decode(v), dtype=np.float64) if k == "grad" else float(oracle.decode(v)))
+               for k, v in e["scale"].items()},
+        overflow=e["overflow"],
+        ambiguous=set(e["ambiguous"]),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle_cached(case: Case, dtype: str) -> dict:
+    inputs = rounded_inputs(case, dtype)
+    return oracle.evaluate(
+        case.objective, case.opts, case.agg, inputs["logp"], inputs["old_logp"], inputs["advantages"],
+        inputs.get("mask"), inputs.get("behavior_weights"), denominator_value(case, inputs),
+        oracle.work_dtype(dtype),
+    )
+
+
+def rounded_inputs(case: Case, dtype: str) -> dict:
+    return {k: (v if v.dtype == bool else oracle.round_to(v, dtype)) for k, v in case.inputs().items()}
+
+
+def expected(case: Case, dtype: str) -> dict:
+    """The oracle's answer for the case's inputs rounded to ``dtype`` (cached)."""
+    return _oracle_cached(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- tolerances
+
+
+def tolerance(dtype: str, quantity: str) -> tuple[float, float, float]:
+    """``(rtol_scale, rtol_value, atol)`` for ``quantity`` ('loss', 'grad' or 'metric') at input ``dtype``:
+    a result passes when ``|got - exact| <= rtol_scale * scale + rtol_value * |exact| + atol``.
+
+    ``rtol_scale`` covers the work dtype's arithmetic (``C * eps`` with ``C = 32``); ``rtol_value`` the
+    rounding of the result into its output dtype (the gradient comes back in ``dtype``, loss and diagnostics in
+    float32 or float64); ``atol`` the spacing of subnormals of the work and output dtypes.
+    """
+    t = (GOLDEN.get("tolerances") or oracle.TOLERANCES)[dtype]
+    if quantity == "grad":
+        return t["rtol_work"], t["eps_grad"], t["tiny_work"] + t["tiny_grad"]
+    return t["rtol_work"], t["eps_out"], t["tiny_work"]
+
+
+def _close(got: np.ndarray, exact: np.ndarray, scale: np.ndarray, tol: tuple) -> np.ndarray:
+    rs, rv, at = tol
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(got - exact)
+        bound = rs * scale + rv * np.abs(exact) + at
+        return (err <= bound) | ((got == exact) & np.isinf(exact))
+
+
+def compare(got: dict, exp: dict, dtype: str) -> list[str]:
+    """Mismatches between a result ``got`` (loss, grad, metrics as float64 NumPy) and the oracle's ``exp``.
+
+    Rules: a quantity whose exact value is finite in its output dtype and whose per-element intermediates fit
+    the work dtype must be within tolerance (so never NaN); one whose exact value overflows its output dtype
+    must come back as an inf of the same sign; where an intermediate itself overflows the work dtype (the
+    documented deviation of No-Clip and of PPO's A < 0 side) nothing is asserted. Counting diagnostics are
+    exact unless a decision was closer to its threshold than the work dtype resolves (``ambiguous``).
+    """
+    problems: list[str] = []
+    work = oracle.work_dtype(dtype)
+    out_max_loss = oracle.MAX[work]
+    out_max_grad = oracle.MAX[dtype]
+
+    def check(name, g, e, s, tol, omax, overflowed, alt=None):
+        omax = omax * (1 + tol[1])  # values just past the largest finite one may round down to it
+        g = np.asarray(g, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        s = np.asarray(s, dtype=np.float64)
+        if g.shape != e.shape:
+            problems.append(f"{name}: shape {g.shape}, expected {e.shape}")
+            return
+        finite_out = np.abs(e) <= omax
+        ok = _close(g, e, s, tol)
+        if alt is not None:
+            ok |= _close(g, alt, s, tol)
+        if overflowed:
+            return
+        over = ~finite_out
+        ok = np.where(over, np.isinf(g) & (np.sign(g) == np.sign(e)), ok)
+        if not np.all(ok):
+            bad = np.argwhere(~np.atleast_1d(ok))[:3].tolist()
+            gv, ev = np.atleast_1d(g), np.atleast_1d(e)
+            shown = "; ".join(f"at {i}: got {gv[tuple(i)]!r}, exact {ev[tuple(i)]!r}" for i in bad)
+            problems.append(f"{name}: {int(np.sum(~np.atleast_1d(ok)))} mismatch(es) ({shown})")
+
+    check("loss", got["loss"], exp["loss"], exp["scale"]["loss"], tolerance(dtype, "loss"), out_max_loss,
+          exp["overflow"]["loss"])
+    check("grad", got["grad"], exp["grad"], exp["scale"]["grad"], tolerance(dtype, "grad"), out_max_grad,
+          exp["overflow"]["grad"], alt=exp["grad_alt"])
+    for name, e in exp["metrics"].items():
+        if name not in got["metrics"]:
+            problems.append(f"metric {name} missing")
+            continue
+        if name in exp["ambiguous"]:
+            continue
+        check(f"metric {name}", got["metrics"][name], e, exp["scale"][name], tolerance(dtype, "metric"),
+              out_max_loss, exp["overflow"][name])
+    return problems
