@@ -103,7 +103,7 @@ class Driver:
         raise NotImplementedError
 
     def ops(self) -> Ops:
-        """exp, log1p, abs, where, sum (x, axis=None, keepdims=False), minimum, maximum, sigmoid,
+        """exp, log1p, abs, where, sum (x, axis=None, keepdims=False), minimum, maximum,
         stop_gradient, astype(x, like) for the reference written with framework ops."""
         raise NotImplementedError
 
@@ -222,7 +222,7 @@ class TorchDriver(Driver):
         torch = self.fw
         return Ops(
             exp=torch.exp, log1p=torch.log1p, abs=torch.abs, where=torch.where, minimum=torch.minimum,
-            maximum=torch.maximum, sigmoid=torch.sigmoid, stop_gradient=lambda x: x.detach(),
+            maximum=torch.maximum, stop_gradient=lambda x: x.detach(),
             sum=lambda x, axis=None, keepdims=False: x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims),
             full_like=torch.full_like,
         )
@@ -303,7 +303,7 @@ class JaxDriver(Driver):
         jnp, lax = self.jnp, self.fw.lax
         return Ops(
             exp=jnp.exp, log1p=jnp.log1p, abs=jnp.abs, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum,
-            sigmoid=self.fw.nn.sigmoid, stop_gradient=lax.stop_gradient,
+            stop_gradient=lax.stop_gradient,
             sum=lambda x, axis=None, keepdims=False: jnp.sum(x, axis=axis, keepdims=keepdims),
             full_like=jnp.full_like,
         )
@@ -374,9 +374,9 @@ class TfDriver(Driver):
         tf = self.fw
         return Ops(
             exp=tf.exp, log1p=tf.math.log1p, abs=tf.abs, where=tf.where, minimum=tf.minimum, maximum=tf.maximum,
-            sigmoid=tf.sigmoid, stop_gradient=tf.stop_gradient,
+            stop_gradient=tf.stop_gradient,
             sum=lambda x, axis=None, keepdims=False: tf.reduce_sum(x, axis=axis, keepdims=keepdims),
-            full_like=lambda x, v: tf.fill(tf.shape(x), tf.cast(v, x.dtype)),
+            full_like=lambda x, v: tf.fill(tf.shape(x), tf.constant(v, dtype=x.dtype)),
         )
 
     def foreign(self, x):

@@ -52,7 +52,7 @@ def reference_loss(
         per = -adv * rho
     elif objective == "sapo":
         tau = ops.where(pos, ops.full_like(ell, opts.get("tau_pos", 1.0)), ops.full_like(ell, opts.get("tau_neg", 1.05)))
-        per = -adv * (4.0 / tau) * ops.sigmoid(tau * (rho - 1.0))
+        per = -adv * (4.0 / tau) / (1.0 + ops.exp(-tau * (rho - 1.0)))
     else:  # cispo
         per = -sg(ops.minimum(rho, ops.full_like(rho, opts.get("clip_max", 5.0)))) * adv * logp
     m = mask

@@ -109,6 +109,13 @@ def _inputs(case: Case) -> dict:
     return {k: v.copy() for k, v in _inputs_cached(case).items()}
 
 
+def has_valid(case: Case) -> bool:
+    """Whether the case has at least one valid element."""
+    inputs = _inputs_cached(case)
+    mask = inputs.get("mask")
+    return inputs["logp"].size > 0 and (mask is None or bool(np.any(mask != 0)))
+
+
 def denominator_value(case: Case, inputs: dict) -> float | None:
     """A global denominator for the case: a 'world' count larger than the local one."""
     if case.denominator == "none":
@@ -154,7 +161,7 @@ def one_per_option_set(agg: str | None = None) -> list[Case]:
 def one_per_objective() -> list[Case]:
     seen: dict = {}
     for c in REGISTRY:
-        if c.shape != "zero" and c.mask not in ("all",):
+        if has_valid(c):
             seen.setdefault(c.objective, c)
     return list(seen.values())
 
