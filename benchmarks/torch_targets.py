@@ -1,0 +1,145 @@
+"""Speed targets of the PyTorch backend, as ratios measured in one run (run: python benchmarks/torch_targets.py).
+
+Every timed call is a forward + backward (``torch.autograd.grad`` of the loss with respect to ``logp``) on
+float32 inputs with a float32 mask, followed by a device synchronisation. Medians over repeats; the
+machine's noise cancels in the ratios, not in the absolute times.
+
+- floor: the time to read four float32 arrays of the size and write one, at the bandwidth of
+  ``dst.copy_(src)`` measured in the same run (5/2 of one copy).
+- literal: GIPO as the authors' trainer writes it: ``ratio = exp(logp - old)``, the weight from
+  ``log(ratio.detach())``, product, masked mean; autograd does the backward.
+- verl_ppo: verl's PPO-clip (dual clip, clamp of the log-ratio, clip fractions and KL as tensors), plain ops.
+
+Targets (issue 4): at 2^22 elements, eager GIPOLoss <= 3x floor and <= 0.3x literal, compiled <= 2x floor;
+at 2^10, eager GIPOLoss <= verl_ppo; on a GPU at 2^26, >= 70% of the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gipo_core.torch import GIPOLoss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, *, repeat: int, number: int) -> float:
+    """Median seconds per call over ``repeat`` groups of ``number`` calls (after two warm-up calls)."""
+    fn()
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times)
+
+
+def literal_gipo(logp, old_logp, adv, mask, sigma=1.0):
+    ratio = torch.exp(logp - old_logp)
+    log_ratio = torch.log(ratio.detach())
+    weight = torch.exp(-0.5 * (log_ratio / sigma) ** 2)
+    per_token = -(weight * ratio * adv)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _masked_mean(values, mask):
+    return (values * mask).sum() / (mask.sum() + 1e-8)
+
+
+def verl_ppo(logp, old_logp, adv, mask, clip=0.2, clip_ratio_c=3.0):
+    neg_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
+    ratio = torch.exp(neg_kl)
+    ppo_kl = _masked_mean(-neg_kl, mask)
+    pg_losses1 = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_clipfrac = _masked_mean(torch.gt(pg_losses2, pg_losses1).float(), mask)
+    pg_losses3 = -adv * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_clipfrac_lower = _masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (adv < 0).float(), mask)
+    pg_losses = torch.where(adv < 0, clip_pg_losses2, clip_pg_losses1)
+    return _masked_mean(pg_losses, mask), (pg_clipfrac, ppo_kl, pg_clipfrac_lower)
+
+
+def make_inputs(n: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = 1024 if n >= 1024 else n
+    shape = (n // t, t)
+    old = -torch.rand(shape, generator=g) * 3.0
+    logp = (old + 0.3 * torch.randn(shape, generator=g)).requires_grad_(True)
+    adv = torch.randn(shape, generator=g)
+    mask = (torch.rand(shape, generator=g) < 0.9).float()
+    return [x.to(device).requires_grad_(x.requires_grad) for x in (logp, old, adv, mask)]
+
+
+def fwd_bwd(loss_fn, logp, *rest):
+    def call():
+        out = loss_fn(logp, *rest)
+        loss = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(loss, logp)
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--large", type=int, default=22, help="log2 of the large size")
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    n = 2**args.large
+    logp, old, adv, mask = make_inputs(n, device)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    rows = {}
+    rep = dict(repeat=args.repeat, number=3)
+    t_copy = timeit(lambda: dst.copy_(src), device, **rep)
+    rows["floor (5/2 copy)"] = 2.5 * t_copy
+    rows["literal formula"] = timeit(fwd_bwd(literal_gipo, logp, old, adv, mask), device, **rep)
+    for metrics in (False, True):
+        module = GIPOLoss(with_metrics=metrics)
+        rows[f"GIPOLoss eager, metrics={metrics}"] = timeit(fwd_bwd(module, logp, old, adv, mask), device, **rep)
+    if not args.no_compile:
+        for metrics in (False, True):
+            compiled = torch.compile(GIPOLoss(with_metrics=metrics), fullgraph=True)
+            rows[f"GIPOLoss compiled, metrics={metrics}"] = timeit(
+                fwd_bwd(compiled, logp, old, adv, mask), device, **rep
+            )
+    floor, literal = rows["floor (5/2 copy)"], rows["literal formula"]
+    print(f"n = 2^{args.large} float32 on {device}, forward + backward, median of {args.repeat}")
+    print(f"{'case':36s} {'ms':>9s} {'x floor':>8s} {'x literal':>9s}")
+    for name, t in rows.items():
+        print(f"{name:36s} {1e3 * t:9.3f} {t / floor:8.2f} {t / literal:9.2f}")
+    if device.type == "cuda":
+        bytes_moved = 5 * 4 * n
+        copy_bw = 2 * 4 * n / t_copy
+        for name in [k for k in rows if k.startswith("GIPOLoss")]:
+            print(f"{name:36s} {bytes_moved / rows[name] / copy_bw:6.1%} of copy bandwidth")
+
+    small = make_inputs(2**10, device, seed=1)
+    rep_small = dict(repeat=args.repeat, number=200)
+    verl = timeit(fwd_bwd(verl_ppo, *small), device, **rep_small)
+    print(f"\nn = 2^10: verl-style PPO-clip {1e6 * verl:.1f} us")
+    for metrics in (False, True):
+        t = timeit(fwd_bwd(GIPOLoss(with_metrics=metrics), *small), device, **rep_small)
+        print(f"GIPOLoss eager, metrics={metrics}: {1e6 * t:.1f} us = {t / verl:.2f}x verl-style PPO-clip")
+
+
+if __name__ == "__main__":
+    main()
