@@ -84,7 +84,7 @@ def check_denominator(fn: str, value: Any, reference: Any, xp: Any) -> Any:
             f"`{fn}`: `denominator` must be None, a number > 0 or a 0-d array; got {type(value).__name__}"
         )
     shape = shape_of(value)
-    size = math.prod(d for d in shape if d is not None)
+    size = math.prod([d for d in shape if d is not None])  # a list: torch.compile cannot trace a generator here
     if size != 1:
         raise ValueError(
             f"`{fn}`: `denominator` must be a number or an array with one element; got shape {_fmt_shape(shape)}"
