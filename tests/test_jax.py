@@ -285,6 +285,9 @@ def test_errors_name_the_function_and_argument_under_jit():
         jax.jit(lambda lp: gj.gipo_loss(lp, old_logp, adv[:, 0]).loss)(logp)
     with pytest.raises(TypeError, match="`ppo_clip_loss`: `logp` must have a real floating dtype"):
         gj.ppo_clip_loss(jnp.zeros((2, 3), jnp.int32), old_logp[:2, :3], adv[:2])
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="`gipo_loss`: .*several array libraries|`gipo_loss`: expected arrays of one"):
+        gj.gipo_loss(jnp.asarray(logp), strict.asarray(old_logp), jnp.asarray(adv))
     with pytest.raises(ValueError, match="`GIPOLoss`: `sigma` must be a finite number > 0; got -1"):
         gj.GIPOLoss(sigma=-1)
     with pytest.raises(ValueError, match="`SAPOLoss`: `agg` must be one of"):
