@@ -109,7 +109,11 @@ class _LossModule(tf.Module):
                  **kwargs: Any) -> None:
         cls = type(self).__name__
         objective = OBJECTIVES[self._objective]
-        bound = inspect.signature(type(self)).bind(*args, agg=agg, with_metrics=with_metrics, name=name, **kwargs)
+        signature = inspect.signature(type(self))
+        try:
+            bound = signature.bind(*args, agg=agg, with_metrics=with_metrics, name=name, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"`{cls}`: {exc}; the signature is {cls}{signature}") from None
         bound.apply_defaults()
         super().__init__(name=name)
         checks.check_choice(cls, "agg", agg, AGG_MODES)
@@ -197,10 +201,16 @@ Examples
 >>> import tensorflow as tf
 >>> from gipo_core.tf import {cls}
 >>> loss_fn = {cls}()
->>> logp = tf.zeros((2, 3)); adv = tf.constant([[1.0], [-1.0]])
->>> out = tf.function(lambda lp: loss_fn(lp, lp, adv), jit_compile=True)(logp)
->>> float(out.loss), int(out.metrics["n_valid"])
-(0.0, 6)
+>>> logp = tf.zeros((2, 3)); adv = tf.ones((2, 1))
+>>> @tf.function(jit_compile=True)
+... def step(lp):
+...     with tf.GradientTape() as tape:
+...         tape.watch(lp)
+...         out = loss_fn(lp, lp, adv)
+...     return tape.gradient(out.loss, lp), out.metrics
+>>> grad, metrics = step(logp)
+>>> round(float(grad[0, 0]), 6), int(metrics["n_valid"])      # -A / N at log-ratio 0
+(-0.166667, 6)
 """
 
 
@@ -220,7 +230,7 @@ def _loss_class(name: str, objective_key: str) -> type:
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the signature is set below
         _LossModule.__init__(self, *args, **kwargs)
 
-    __init__.__signature__ = inspect.Signature(params, return_annotation=None)
+    __init__.__signature__ = inspect.Signature(params)
     __init__.__qualname__ = f"{name}.__init__"
     cls.__init__ = __init__
     cls.__doc__ = _CLASS_DOC.format(
