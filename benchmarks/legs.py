@@ -45,6 +45,7 @@ __all__ = [
     "IMPLS",
     "SIGMA",
     "Step",
+    "as_numpy",
     "leg_status",
     "available_legs",
     "make_inputs",
@@ -74,7 +75,10 @@ TIME_AXIS = 1024
 
 @dataclass
 class Step:
-    """A prepared benchmark step: ``run()`` does one forward + backward and waits for the device."""
+    """A prepared benchmark step: ``run()`` does one forward + backward and waits for the device.
+
+    For the loss implementations ``run()`` returns ``(loss, grad_logp)`` as the framework's arrays.
+    """
 
     run: Callable[[], Any]
     leg: str
@@ -225,11 +229,15 @@ def _numpy_step(impl: str, data: dict[str, np.ndarray]) -> tuple[Callable[[], An
             np.copyto(out, old)
             np.copyto(out.reshape(-1)[: lp.size // 2], adv.reshape(-1)[: lp.size // 2])
     elif impl in ("gipo", "gipo+metrics", "ppo_clip"):
-        fn = value_and_grad(ppo_clip_loss if impl == "ppo_clip" else gipo_loss)
+        if impl == "ppo_clip":
+            fn = functools.partial(value_and_grad(ppo_clip_loss), clip_low=CLIP, clip_high=CLIP, dual_clip=DUAL_CLIP)
+        else:
+            fn = functools.partial(value_and_grad(gipo_loss), sigma=SIGMA)
         metrics = impl == "gipo+metrics"
 
         def run() -> Any:
-            return fn(lp, old, adv, mask, with_metrics=metrics)
+            out, grad = fn(lp, old, adv, mask, with_metrics=metrics)
+            return out.loss, grad
     elif impl == "gipo_literal":
         def run() -> Any:  # the authors' formula, the gradient by hand (numpy has no autodiff)
             ratio = np.exp(lp - old)
@@ -265,6 +273,24 @@ def _numpy_step(impl: str, data: dict[str, np.ndarray]) -> tuple[Callable[[], An
             tracemalloc.stop()
 
     return run, traced
+
+
+# --------------------------------------------------------------------------------- compiled caches
+
+#: Compiled (or traced) functions, built once per process and key, reused across sizes: a new size then
+#: costs at most a retrace, not a new compiler entry point (torch.compile marks the size dynamic itself).
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _cached(key: tuple, build: Callable[[], Callable]) -> Callable:
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def _fused4(a: Any, b: Any, c: Any, d: Any) -> Any:
+    """Read four arrays, write one: the floor kernel, where a compiler fuses it."""
+    return a * b + c * d
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -323,8 +349,11 @@ def _plain_or_library(impl: str, ops: _Ops, module: Any) -> Callable:
 
 def _loss_fn(module: Any, impl: str) -> Callable:
     """The library's loss as ``f(logp, old_logp, advantages, mask) -> scalar``."""
-    fn = module.ppo_clip_loss if impl == "ppo_clip" else module.gipo_loss
     metrics = impl == "gipo+metrics"
+    if impl == "ppo_clip":  # the same options as the verl-style plain-op version
+        fn = functools.partial(module.ppo_clip_loss, clip_low=CLIP, clip_high=CLIP, dual_clip=DUAL_CLIP)
+    else:
+        fn = functools.partial(module.gipo_loss, sigma=SIGMA)
 
     def loss_fn(logp: Any, old_logp: Any, advantages: Any, mask: Any) -> Any:
         out = fn(logp, old_logp, advantages, mask, with_metrics=metrics)
@@ -349,12 +378,11 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) 
 
     if impl in ("copy", "floor"):
         out = torch.empty_like(lp)
-        copy = lambda: out.copy_(lp)  # noqa: E731
-        fused = maybe_compile(lambda a, b, c, d: a * b + c * d)
+        fused = _cached(("torch", "floor", compiled), lambda: maybe_compile(_fused4))
 
         if impl == "copy":
             def run() -> Any:
-                copy()
+                out.copy_(lp)
                 sync()
         elif compiled:
             def run() -> Any:
@@ -367,9 +395,9 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) 
                 out.view(-1)[: lp.numel() // 2].copy_(adv.view(-1)[: lp.numel() // 2])
                 sync()
     else:
-        ops = _Ops(torch.exp, torch.log, lambda x: x.detach(), torch.clamp, torch.maximum, torch.minimum,
+        ops = _Ops(torch.exp, torch.log, torch.Tensor.detach, torch.clamp, torch.maximum, torch.minimum,
                    torch.where, torch.sum)
-        loss_fn = maybe_compile(_plain_or_library(impl, ops, gt))
+        loss_fn = _cached(("torch", impl, compiled), lambda: maybe_compile(_plain_or_library(impl, ops, gt)))
         leaf = lp.clone().requires_grad_(True)
 
         def run() -> Any:
@@ -377,7 +405,7 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) 
             loss = loss_fn(leaf, old, adv, mask)
             loss.backward()
             sync()
-            return loss
+            return loss, leaf.grad
 
     if not cuda:
         return run, None
@@ -407,14 +435,13 @@ def _jax_step(impl: str, data: dict, dtype: str, device: str) -> tuple[Callable,
                    ("logp", "old_logp", "advantages", "mask"))
 
     if impl == "copy":
-        fn = jax.jit(lambda a, b, c, d: a + 1.0)
+        fn = _cached(("jax", impl), lambda: jax.jit(lambda a, b, c, d: a + 1.0))
     elif impl == "floor":
-        fn = jax.jit(lambda a, b, c, d: a * b + c * d)
+        fn = _cached(("jax", impl), lambda: jax.jit(_fused4))
     else:
         ops = _Ops(jnp.exp, jnp.log, jax.lax.stop_gradient, jnp.clip, jnp.maximum, jnp.minimum, jnp.where,
                    jnp.sum)
-        loss_fn = _plain_or_library(impl, ops, gj)
-        fn = jax.jit(jax.value_and_grad(loss_fn))
+        fn = _cached(("jax", impl), lambda: jax.jit(jax.value_and_grad(_plain_or_library(impl, ops, gj))))
 
     def run() -> Any:
         return jax.block_until_ready(fn(*arrays))
@@ -438,9 +465,9 @@ def _tf_step(impl: str, data: dict, dtype: str) -> tuple[Callable, Callable | No
     arrays = tuple(tf.constant(data[k], dtype=tdtype) for k in ("logp", "old_logp", "advantages", "mask"))
 
     if impl == "copy":
-        fn = tf.function(lambda a, b, c, d: a + 1.0, jit_compile=True)
+        fn = _cached(("tf", impl), lambda: tf.function(lambda a, b, c, d: a + 1.0, jit_compile=True))
     elif impl == "floor":
-        fn = tf.function(lambda a, b, c, d: a * b + c * d, jit_compile=True)
+        fn = _cached(("tf", impl), lambda: tf.function(_fused4, jit_compile=True))
     else:
         ops = _Ops(tf.exp, tf.math.log, tf.stop_gradient, tf.clip_by_value, tf.maximum, tf.minimum, tf.where,
                    tf.reduce_sum)
@@ -452,12 +479,12 @@ def _tf_step(impl: str, data: dict, dtype: str) -> tuple[Callable, Callable | No
                 loss = loss_fn(logp, old_logp, advantages, mask)
             return loss, tape.gradient(loss, logp)
 
-        fn = tf.function(value_and_grad, jit_compile=True)
+        fn = _cached(("tf", impl), lambda: tf.function(value_and_grad, jit_compile=True))
 
     def run() -> Any:
         result = fn(*arrays)
         first = result[0] if isinstance(result, tuple) else result
-        first.numpy()  # a host read: the call has finished
+        first.numpy()  # a host read of the loss (a scalar): the call has finished
         return result
 
     return run, None
@@ -508,6 +535,15 @@ def make_step(leg: str, impl: str, n: int, dtype: str = "float32", *, warmup: in
     itemsize = 2 if dtype == "bfloat16" else 4
     moved = {"copy": 2, "floor": 5}.get(impl, 5) * n * itemsize
     return Step(run=run, leg=leg, impl=impl, n=n, dtype=dtype, extra_bytes=extra, bytes_moved=moved, info=info)
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A float64 NumPy copy of a numpy, torch, jax or tf array (bfloat16 included), for comparisons."""
+    if hasattr(x, "detach"):  # torch
+        x = x.detach().float().cpu().numpy()
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # tf
+        x = x.numpy()
+    return np.asarray(x).astype(np.float64)
 
 
 def malloc_settings() -> dict[str, str]:

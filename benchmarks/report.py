@@ -8,7 +8,8 @@ Run from the repository root::
 
 For each leg (framework x mode x device), size and dtype, every implementation of ``legs.IMPLS`` is built
 and warmed up, then timed round-robin in one process (one call of each per round, so that machine noise hits
-them alike); the median of the rounds is reported. The markdown table gives, per implementation, the time,
+them alike); the best of the rounds is reported (on a shared machine the least disturbed one), the median
+goes to the JSON. The markdown table gives, per implementation, the time,
 the ratio to the memory-streaming floor (read four arrays, write one), to verl-style PPO-clip and to the
 literal GIPO formula in the same framework, the share of the device's copy bandwidth it reaches counting
 the five array passes a fused step must make, the extra bytes one call allocates, and page faults per call.
@@ -58,13 +59,17 @@ def measure(leg: str, n: int, dtype: str, impls: tuple[str, ...], repeats: int, 
     records: list[dict] = []
     for impl in impls:
         try:
-            steps[impl] = L.make_step(leg, impl, n, dtype, data=data)
+            step = L.make_step(leg, impl, n, dtype, data=data)
+            t0 = time.perf_counter()
+            step.run()
+            first[impl] = time.perf_counter() - t0
+            steps[impl] = step
         except NotImplementedError as exc:
             records.append({"leg": leg, "n": n, "dtype": dtype, "impl": impl, "skipped": str(exc)})
-            continue
-        t0 = time.perf_counter()
-        steps[impl].run()
-        first[impl] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - one broken implementation must not lose the others
+            print(f"{leg} {impl} 2^{L.log2(n)} {dtype}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+            records.append({"leg": leg, "n": n, "dtype": dtype, "impl": impl,
+                            "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
     if not steps:
         return records
     per_round = sum(first.values())
@@ -92,7 +97,7 @@ def measure(leg: str, n: int, dtype: str, impls: tuple[str, ...], repeats: int, 
 
 
 def add_ratios(records: list[dict]) -> None:
-    """Ratios within each (leg, n, dtype): to the floor, to verl-style PPO-clip, to the literal formula.
+    """Ratios of best times within each (leg, n, dtype): to the floor, verl-style PPO-clip, the literal formula.
 
     The floor is the faster of the ``floor`` step and 5/2 times the ``copy`` step (both move the bytes of
     reading four arrays and writing one).
@@ -102,15 +107,15 @@ def add_ratios(records: list[dict]) -> None:
         if "median_s" in r:
             groups.setdefault((r["leg"], r["n"], r["dtype"]), {})[r["impl"]] = r
     for group in groups.values():
-        candidates = [group[k]["median_s"] * s for k, s in (("floor", 1.0), ("copy", 2.5)) if k in group]
+        candidates = [group[k]["min_s"] * s for k, s in (("floor", 1.0), ("copy", 2.5)) if k in group]
         floor = min(candidates) if candidates else None
-        copy_bw = group["copy"]["bytes_moved"] / group["copy"]["median_s"] if "copy" in group else None
+        copy_bw = group["copy"]["bytes_moved"] / group["copy"]["min_s"] if "copy" in group else None
         for r in group.values():
-            t = r["median_s"]
+            t = r["min_s"]
             r["floor_s"] = floor
             r["x_floor"] = t / floor if floor else None
             for key, ref in (("x_ppo_clip_verl", "ppo_clip_verl"), ("x_gipo_literal", "gipo_literal")):
-                r[key] = t / group[ref]["median_s"] if ref in group else None
+                r[key] = t / group[ref]["min_s"] if ref in group else None
             r["bandwidth_GBps"] = r["bytes_moved"] / t / 1e9
             r["copy_bw_frac"] = (r["bytes_moved"] / t) / copy_bw if copy_bw else None
 
@@ -137,19 +142,22 @@ def markdown(records: list[dict], unavailable: dict[str, str], header: dict[str,
         if "median_s" not in r:
             continue
         lines.append(
-            f"| {r['leg']} | 2^{L.log2(r['n'])} | {r['dtype']} | {r['impl']} | {_fmt_time(r['median_s'])} "
+            f"| {r['leg']} | 2^{L.log2(r['n'])} | {r['dtype']} | {r['impl']} | {_fmt_time(r['min_s'])} "
             f"| {_fmt(r['x_floor'], '.2f')} | {_fmt(r['x_ppo_clip_verl'], '.2f')} "
             f"| {_fmt(r['x_gipo_literal'], '.2f')} | {_fmt(r['copy_bw_frac'] and 100 * r['copy_bw_frac'], '.0f')} "
             f"| {L.human_bytes(r['extra_bytes'])} | {r['faults_per_call']:.0f} |"
         )
     skipped = sorted({(r["leg"], r["dtype"], r["skipped"]) for r in records if "skipped" in r})
-    if unavailable or skipped:
+    errors = [r for r in records if "error" in r]
+    if unavailable or skipped or errors:
         lines.append("")
         lines.extend(f"- {leg}: not run ({why})" for leg, why in unavailable.items())
         lines.extend(f"- {leg} {dtype}: skipped ({why})" for leg, dtype, why in skipped)
+        lines.extend(f"- {r['leg']} 2^{L.log2(r['n'])} {r['dtype']} {r['impl']}: FAILED ({r['error']})"
+                     for r in errors)
     lines.append("")
     lines.append(
-        "time: median of round-robin rounds of forward + backward with a device sync; floor: read four arrays "
+        "time: best of round-robin rounds of forward + backward ending in a device sync; floor: read four arrays "
         "and write one (the faster of a fused kernel and 5/2 copies); % copy BW: the five array passes of a "
         "fused step over the time, against the copy bandwidth; extra bytes: "
         + "; ".join(sorted({f"{r['leg'].split(':')[0]}: {r['extra_bytes_method']}" for r in records
@@ -199,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per (leg, size, dtype)")
     p.add_argument("--json", default="benchmarks/report.json", help="where to write the JSON results")
     p.add_argument("--markdown", default=None, help="also write the markdown table here")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 2 if a requested leg cannot run here (a GPU run that must not skip)")
     p.add_argument("--malloc", choices=("default", "reuse", "both"), default="default",
                    help="glibc allocator settings: as found (default), heap reuse, or both (two runs)")
     return p.parse_args(argv)
@@ -257,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(out, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    return 0
+    if any("error" in r for r in records):
+        return 1
+    return 2 if args.strict and unavailable else 0
 
 
 if __name__ == "__main__":
