@@ -153,19 +153,19 @@ def pytest_generate_tests(metafunc: Any) -> None:
             params.append(pytest.param(*[values[n] for n in names], id=f"{target.id}-unavailable"))
             continue
         driver = target.driver
-        if "autodiff" in needs and not driver.autodiff:
-            continue
-        if "batched" in needs and driver.batched(lambda x: x) is None:
-            continue
+        if any(not getattr(driver, need) for need in needs if need != "gpu"):
+            continue  # a capability the framework does not have (autodiff, vectorizes, traces)
         dtypes = [d for d in driver.dtypes if d in wanted_dtypes and d in config._gipo_dtypes]
         if "dtype" not in names:
             dtypes = [None]
         compilers = list(driver.compilers) if "compiler" in names else [None]
         cases = kw.get("cases")
         case_list = (cases() if callable(cases) else list(cases)) if cases is not None else [None]
-        for dtype in dtypes:
-            for case in case_list:
+        for i, dtype in enumerate(dtypes):
+            for j, case in enumerate(case_list):
                 for compiler in compilers:
+                    if compiler in driver.expensive_compilers and (i or j):
+                        continue
                     values = {"target": target, "dtype": dtype, "case": case, "compiler": compiler}
                     pid = "-".join(p for p in (target.id, dtype, compiler, _case_id(case)) if p)
                     params.append(pytest.param(*[values[n] for n in names], id=pid))

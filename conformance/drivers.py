@@ -53,7 +53,12 @@ class Driver:
     default_module = ""
     dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
     compilers: tuple[str, ...] = ()
+    #: Compilers so slow to compile that the suite runs them on the first case and dtype of a test only.
+    expensive_compilers: tuple[str, ...] = ()
     autodiff = False
+    #: Whether :meth:`per_example` and :meth:`count_traces` are available.
+    vectorizes = False
+    traces = False
 
     def load(self) -> None:
         """Import the framework (ImportError when it is not installed)."""
@@ -107,9 +112,15 @@ class Driver:
         stop_gradient, astype(x, like) for the reference written with framework ops."""
         raise NotImplementedError
 
-    def batched(self, f: Callable) -> Callable | None:
-        """The framework's vectorising map over axis 0 (jax.vmap, torch.func.vmap), or None."""
-        return None
+    def per_example(self, module: Any, fn_name: str, logp: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """``(losses, grads)`` with the framework's vectorising map over axis 0 of every array (jax.vmap,
+        torch.func.vmap): one loss and one gradient per example. Only where :attr:`vectorizes`."""
+        raise NotImplementedError
+
+    def count_traces(self, module: Any, fn_name: str, calls: list, kwargs: dict, compiler: str) -> int:
+        """How many times the compiled value-and-gradient function is traced over ``calls`` (a list of
+        ``(logp, args)`` of one shape and dtype, different values). Only where :attr:`traces`."""
+        raise NotImplementedError
 
     def foreign(self, x: np.ndarray) -> Any:
         """An array of *another* library (to check that mixing libraries is refused)."""
@@ -169,7 +180,10 @@ class TorchDriver(Driver):
     name = "torch"
     framework = "torch"
     default_module = "gipo_core.torch"
-    compilers = ("compile",)
+    #: "compile" is torch.compile(fullgraph=True) with the default (inductor) backend; "compile-aot_eager"
+    #: captures the same full graph and autograd graph without code generation, cheap enough for every case.
+    compilers = ("compile", "compile-aot_eager")
+    expensive_compilers = ("compile",)
     autodiff = True
 
     def devices(self) -> list[str]:
@@ -205,9 +219,10 @@ class TorchDriver(Driver):
             out = fn(logp, *args, **kwargs)
             return out.loss, out.metrics
 
-        if compiler == "compile":
+        if compiler is not None:
             torch._dynamo.reset()
-            f = torch.compile(f, fullgraph=True, dynamic=False)
+            backend = "aot_eager" if compiler == "compile-aot_eager" else "inductor"
+            f = torch.compile(f, fullgraph=True, dynamic=False, backend=backend)
         logp = logp.detach().clone().requires_grad_(True)
         loss, metrics = f(logp, *args)
         (g,) = torch.autograd.grad(loss, logp)
@@ -227,8 +242,17 @@ class TorchDriver(Driver):
             full_like=torch.full_like,
         )
 
-    def batched(self, f):
-        return self.fw.func.vmap(f)
+    vectorizes = True
+
+    def per_example(self, module, fn_name, logp, args, kwargs):
+        fn = getattr(module, fn_name)
+        func = self.fw.func
+
+        def f(logp, *args):
+            return fn(logp, *args, **kwargs).loss
+
+        grads, losses = func.vmap(func.grad_and_value(f))(logp, *args)
+        return losses, grads
 
     def foreign(self, x):
         return np.asarray(x)
@@ -308,8 +332,33 @@ class JaxDriver(Driver):
             full_like=jnp.full_like,
         )
 
-    def batched(self, f):
-        return self.fw.vmap(f)
+    vectorizes = True
+    traces = True
+
+    def per_example(self, module, fn_name, logp, args, kwargs):
+        jax = self.fw
+        fn = getattr(module, fn_name)
+
+        def f(logp, *args):
+            return fn(logp, *args, **kwargs).loss
+
+        losses, grads = jax.jit(jax.vmap(jax.value_and_grad(f)))(logp, *args)
+        return losses, grads
+
+    def count_traces(self, module, fn_name, calls, kwargs, compiler):
+        jax = self.fw
+        fn = getattr(module, fn_name)
+        traced = []
+
+        def f(logp, args):
+            traced.append(1)
+            out = fn(logp, *args, **kwargs)
+            return out.loss, out.metrics
+
+        vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+        for logp, args in calls:
+            jax.block_until_ready(vg(logp, args))
+        return len(traced)
 
     def foreign(self, x):
         return np.asarray(x)
@@ -381,6 +430,25 @@ class TfDriver(Driver):
 
     def foreign(self, x):
         return np.asarray(x)
+
+    traces = True
+
+    def count_traces(self, module, fn_name, calls, kwargs, compiler):
+        tf = self.fw
+        fn = getattr(module, fn_name)
+        traced = []
+
+        @tf.function(jit_compile=compiler == "function-xla")
+        def f(logp, *args):
+            traced.append(1)
+            with tf.GradientTape() as tape:
+                tape.watch(logp)
+                out = fn(logp, *args, **kwargs)
+            return out.loss, tape.gradient(out.loss, logp)
+
+        for logp, args in calls:
+            f(logp, *args)
+        return len(traced)
 
 
 DRIVERS: dict[str, type[Driver]] = {
