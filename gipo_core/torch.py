@@ -29,6 +29,7 @@ Examples
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -89,18 +90,22 @@ class _LossFunction(torch.autograd.Function):
             loss, saved, metrics = forward(
                 logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=_xp
             )
-        return (loss, saved, *metrics.values())
+        if not spec.with_metrics:
+            return loss, saved
+        # One output for all the diagnostics: each output of an autograd.Function costs Python time.
+        return loss, saved, torch.stack(list(metrics.values()))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(*output[2:])
+        if len(output) > 2:
+            ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
         ctx.dtype = inputs[0].dtype
         ctx.fn = OBJECTIVES[inputs[6].objective].public_name
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_saved, *grad_metrics):
+    def backward(ctx, grad_loss, grad_saved, *grad_metrics):  # noqa: ARG004
         if grad_saved is not None and not torch.compiler.is_compiling():
             raise RuntimeError(
                 f"`{ctx.fn}`: double backward (differentiating the gradient again, e.g. a second "
@@ -114,9 +119,14 @@ class _LossFunction(torch.autograd.Function):
         return grad_logp, None, None, None, None, None, None
 
 
+# autograd.Function.apply binds its arguments to ``forward``'s signature on every call (the setup_context
+# form); a precomputed signature spares it the introspection.
+_LossFunction.forward.__signature__ = inspect.signature(_LossFunction.forward)
+
+
 def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     out = _LossFunction.apply(*arrays, spec)
-    metrics = dict(zip(METRIC_NAMES, out[2:])) if spec.with_metrics else {}
+    metrics = dict(zip(METRIC_NAMES, out[2].unbind(0))) if spec.with_metrics else {}
     return LossOutput(out[0], metrics)
 
 
