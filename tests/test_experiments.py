@@ -154,6 +154,14 @@ def test_t_interval_quantiles_match_student_t():
     assert lo[1] == hi[1] == 5.0
 
 
+def test_trailing_mean_smooths_over_the_last_window():
+    from gipo_core.experiments.demo import _trailing_mean
+
+    x = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.0, 0.0, 6.0, 0.0, 0.0, 0.0]])
+    ref = np.array([[np.mean(row[max(0, i - 2): i + 1]) for i in range(6)] for row in x])
+    assert np.allclose(_trailing_mean(x, 3), ref)
+
+
 def _tiny(**kw):
     from gipo_core.experiments.demo import DemoConfig
 
