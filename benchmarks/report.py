@@ -134,15 +134,15 @@ def markdown(records: list[dict], unavailable: dict[str, str], header: dict[str,
     lines = [
         f"Measured {header['date']} on {header['machine']} with `{header['command']}`; allocator: {alloc}.",
         "",
-        "| leg | n | dtype | implementation | time | × floor | × PPO-clip (verl) | × literal GIPO "
+        "| leg | n | dtype | implementation | time | GB/s | × floor | × PPO-clip (verl) | × literal GIPO "
         "| % copy BW | extra bytes | faults/call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "median_s" not in r:
             continue
         lines.append(
-            f"| {r['leg']} | 2^{L.log2(r['n'])} | {r['dtype']} | {r['impl']} | {_fmt_time(r['min_s'])} "
+            f"| {r['leg']} | 2^{L.log2(r['n'])} | {r['dtype']} | {r['impl']} | {_fmt_time(r['min_s'])} | {r['bandwidth_GBps']:.1f} "
             f"| {_fmt(r['x_floor'], '.2f')} | {_fmt(r['x_ppo_clip_verl'], '.2f')} "
             f"| {_fmt(r['x_gipo_literal'], '.2f')} | {_fmt(r['copy_bw_frac'] and 100 * r['copy_bw_frac'], '.0f')} "
             f"| {L.human_bytes(r['extra_bytes'])} | {r['faults_per_call']:.0f} |"
@@ -157,9 +157,10 @@ def markdown(records: list[dict], unavailable: dict[str, str], header: dict[str,
                      for r in errors)
     lines.append("")
     lines.append(
-        "time: best of round-robin rounds of forward + backward ending in a device sync; floor: read four arrays "
-        "and write one (the faster of a fused kernel and 5/2 copies); % copy BW: the five array passes of a "
-        "fused step over the time, against the copy bandwidth; extra bytes: "
+        "time: best of round-robin rounds of forward + backward ending in a device sync; GB/s: the bytes a fused "
+        "step must move (read four arrays, write one; a copy: read one, write one) over the time; floor: read "
+        "four arrays and write one (the faster of a fused kernel and 5/2 copies); % copy BW: GB/s against the "
+        "copy's; extra bytes: "
         + "; ".join(sorted({f"{r['leg'].split(':')[0]}: {r['extra_bytes_method']}" for r in records
                             if "extra_bytes_method" in r}))
     )
@@ -218,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.malloc == "both" or (args.malloc == "reuse" and any(os.environ.get(k) != v for k, v in MALLOC_REUSE.items())):
         # Allocator settings are read at process start: run each setting in a fresh process.
-        argv_rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--malloc")]
+        argv_rest, tokens = [], iter(argv if argv is not None else sys.argv[1:])
+        for token in tokens:
+            if token == "--malloc":
+                next(tokens, None)
+            elif not token.startswith("--malloc="):
+                argv_rest.append(token)
         rc = 0
         for mode in (("default", "reuse") if args.malloc == "both" else ("reuse",)):
             env = dict(os.environ)

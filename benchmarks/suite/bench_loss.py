@@ -14,6 +14,10 @@ Benchmarks per class:
     Peak resident memory of the process over one call (asv's measure: it includes the inputs).
 ``track_extra_bytes``
     Bytes one call allocates beyond its inputs (see ``legs.measure_extra_bytes`` for how, per framework).
+``track_x_floor``
+    Best time over the memory-streaming floor's, the two timed in alternation in one process: a ratio that
+    machine load moves far less than a time, so ``asv continuous`` on a shared machine flags a real 2x
+    slowdown without flagging the noise.
 
 Select with asv's ``-b`` regex, which also matches the parameters, e.g.
 ``-b "Torch.time_fwd_bwd\\('torch:cpu', 4194304"``.
@@ -25,6 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for legs.py
+
+import time  # noqa: E402
 
 import legs as L  # noqa: E402
 
@@ -61,6 +67,21 @@ class _FwdBwd:
         return extra
 
     track_extra_bytes.unit = "bytes"
+
+    def track_x_floor(self, leg: str, n: int, dtype: str, impl: str) -> float:
+        floor = L.make_step(leg, "floor", n, dtype)
+        best = {"impl": float("inf"), "floor": float("inf")}
+        deadline = time.perf_counter() + 2.0
+        rounds = 0
+        while rounds < 5 or (rounds < 50 and time.perf_counter() < deadline):
+            for key, step in (("impl", self.step), ("floor", floor)):
+                t0 = time.perf_counter()
+                step.run()
+                best[key] = min(best[key], time.perf_counter() - t0)
+            rounds += 1
+        return best["impl"] / best["floor"]
+
+    track_x_floor.unit = "x floor"
 
 
 def _legs(framework: str) -> list[str]:
