@@ -9,8 +9,8 @@ get zeros); the diagnostics carry no gradient. Forward-mode differentiation (``j
 is not defined for a ``custom_vjp``.
 
 The classes :class:`GIPOLoss`, :class:`PPOClipLoss`, :class:`NoClipLoss`, :class:`SAPOLoss` and
-:class:`CISPOLoss` hold the options in a frozen, hashable dataclass: close over one inside ``jax.jit`` or
-pass it as a static argument.
+:class:`CISPOLoss` hold the options in a frozen, hashable dataclass registered as a static pytree node:
+close over one inside ``jax.jit`` or pass it to a jitted function as an argument.
 
 Examples
 --------
@@ -190,8 +190,8 @@ class _LossFn:
 
 _CLASS_DOC = """{summary}
 
-A frozen, hashable dataclass: safe to close over inside ``jax.jit``, usable as a static argument and as a
-key. Calling it is ``{fn}(logp, old_logp, advantages, mask, **options, agg=..., with_metrics=...,
+A frozen, hashable dataclass and a static pytree node (it has no leaves): safe to close over inside
+``jax.jit``, to pass to a jitted function as an ordinary or a static argument, and to use as a key. Calling it is ``{fn}(logp, old_logp, advantages, mask, **options, agg=..., with_metrics=...,
 denominator=denominator, behavior_weights=behavior_weights)``; the options are checked once, here.
 
 Parameters
@@ -225,6 +225,9 @@ True
 
 
 def _document(cls: type) -> type:
+    """Fill in the docstring and register the class as a static pytree node (no leaves: it can be an
+    ordinary argument of a jitted function and is part of the cache key, like a static argument)."""
+    jax.tree_util.register_static(cls)
     objective = OBJECTIVES[cls._objective]
     cls.__doc__ = _CLASS_DOC.format(
         summary=objective.summary,

@@ -315,6 +315,10 @@ def test_loss_classes_are_hashable_static_and_equal_to_the_functions(name, opts)
     want = getattr(gj, name)(logp, old_logp, adv, mask, **opts, agg="seq-mean-token-sum", denominator=3.0).loss
     np.testing.assert_allclose(closed_over(logp), want, rtol=1e-6)
     np.testing.assert_allclose(static(loss_fn, logp), want, rtol=1e-6)
+    # A static pytree node: an ordinary argument of a jitted function too, with no leaves.
+    as_argument = jax.jit(lambda f, lp: f(lp, old_logp, adv, mask, denominator=3.0).loss)
+    np.testing.assert_allclose(as_argument(loss_fn, logp), want, rtol=1e-6)
+    assert jax.tree_util.tree_leaves(loss_fn) == []
     assert cls(**opts, with_metrics=False)(logp, old_logp, adv).metrics == {}
 
 
