@@ -29,6 +29,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, ClassVar
 
@@ -70,19 +71,27 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     # Reading a tf.Variable here is recorded by the caller's tape, so the gradient reaches the variable.
     logp = tf.convert_to_tensor(arrays.logp)
     data = [None if a is None else tf.stop_gradient(a) for a in arrays[1:]]
+    # Eagerly, compute where logp lives (TensorFlow would otherwise place the ops on a GPU if there is one);
+    # in a graph, placement is the graph's.
+    device = logp.device if tf.executing_eagerly() else None
+
+    def placed() -> Any:
+        return tf.device(device) if device else contextlib.nullcontext()
 
     @tf.custom_gradient
     def loss_and_metrics(lp: tf.Tensor) -> tuple:
         loss, saved, metrics = forward(lp, *data, spec=spec, xp=xp)
 
         def grad(grad_loss: Any, *_: Any) -> tf.Tensor:  # the diagnostics' upstream gradients are ignored
-            if grad_loss is None:
-                return tf.zeros_like(lp)
-            return backward(grad_loss, saved, dtype=lp.dtype, xp=xp)
+            with placed():
+                if grad_loss is None:
+                    return tf.zeros_like(lp)
+                return backward(grad_loss, saved, dtype=lp.dtype, xp=xp)
 
         return (loss, *metrics.values()), grad
 
-    loss, *values = loss_and_metrics(logp)
+    with placed():
+        loss, *values = loss_and_metrics(logp)
     metrics = dict(zip(METRIC_NAMES, values)) if spec.with_metrics else {}
     return LossOutput(loss, metrics)
 

@@ -11,6 +11,9 @@ import doctest
 import inspect
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -378,6 +381,34 @@ def test_one_trace_per_shape_and_repeat_calls_are_bit_identical():
         assert again[0].numpy() == first[0].numpy()
         np.testing.assert_array_equal(again[1].numpy(), first[1].numpy())
     assert len(traces) == 1
+
+
+@pytest.mark.slow
+def test_results_and_gradient_stay_on_the_device_of_logp():
+    """TensorFlow places ops on its first device unless told; the adapter computes where ``logp`` lives.
+
+    Two logical CPUs stand in for two accelerators; they must be configured before TensorFlow starts, so the
+    check runs in a fresh interpreter.
+    """
+    script = textwrap.dedent(
+        """
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import gipo_core.tf as gt
+        with tf.device("/CPU:1"):
+            lp = tf.constant([[-0.5, -1.0, -2.0]]); old = lp - 0.1; adv = tf.constant([[1.0]])
+        with tf.GradientTape() as tape:
+            tape.watch(lp)
+            out = gt.gipo_loss(lp, old, adv)
+        grad = tape.gradient(out.loss, lp)
+        print(sorted({t.device.split("device:")[-1] for t in [out.loss, grad, *out.metrics.values()]}))
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "['CPU:1']"
 
 
 # ---------------------------------------------------------------------------------------------- errors
