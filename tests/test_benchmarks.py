@@ -72,7 +72,8 @@ def test_suite_has_every_framework_and_method() -> None:
         assert cls.param_names == ["leg", "n", "dtype", "impl"]
         assert set(cls.params[3]) == set(legs.IMPLS)
         assert min(cls.params[1]) == 1 << 10 and max(cls.params[1]) == 1 << 24
-        assert {"time_fwd_bwd", "peakmem_fwd_bwd", "track_extra_bytes", "track_x_floor"} <= set(dir(cls))
+        assert {"time_fwd_bwd", "peakmem_fwd_bwd", "track_extra_bytes", "track_x_floor",
+                "track_x_literal"} <= set(dir(cls))
 
 
 def _skip_unless_runnable(leg: str) -> None:
@@ -99,7 +100,7 @@ def test_benchmark_runs_once(cls: type, leg: str, n: int, dtype: str, impl: str)
             result = getattr(bench, name)(leg, n, dtype, impl)
             if name == "track_extra_bytes":
                 assert isinstance(result, int) and result >= 0, (name, result)
-            elif name == "track_x_floor":
+            elif name in ("track_x_floor", "track_x_literal"):
                 assert isinstance(result, float) and 0 < result < float("inf"), (name, result)
     finally:
         bench.teardown(leg, n, dtype, impl)

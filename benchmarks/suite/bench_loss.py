@@ -14,10 +14,12 @@ Benchmarks per class:
     Peak resident memory of the process over one call (asv's measure: it includes the inputs).
 ``track_extra_bytes``
     Bytes one call allocates beyond its inputs (see ``legs.measure_extra_bytes`` for how, per framework).
-``track_x_floor``
-    Best time over the memory-streaming floor's, the two timed in alternation in one process: a ratio that
-    machine load moves far less than a time, so ``asv continuous`` on a shared machine flags a real 2x
-    slowdown without flagging the noise.
+``track_x_floor``, ``track_x_literal``
+    Best time over the memory-streaming floor's, and over the literal GIPO formula's, each pair timed in
+    alternation in one process. Machine load moves these ratios far less than times, and the literal formula
+    is plain framework code with the same kind of temporaries: ``track_x_literal`` is the one to compare
+    across commits on a shared machine (``asv continuous``), since a slowdown of this library moves it and
+    noise mostly does not.
 
 Select with asv's ``-b`` regex, which also matches the parameters, e.g.
 ``-b "Torch.time_fwd_bwd\\('torch:cpu', 4194304"``.
@@ -68,20 +70,29 @@ class _FwdBwd:
 
     track_extra_bytes.unit = "bytes"
 
-    def track_x_floor(self, leg: str, n: int, dtype: str, impl: str) -> float:
-        floor = L.make_step(leg, "floor", n, dtype)
-        best = {"impl": float("inf"), "floor": float("inf")}
+    def _ratio_to(self, leg: str, n: int, dtype: str, reference: str) -> float:
+        """Best time over ``reference``'s best, the two run in alternation (5 to 50 rounds, ~2 s)."""
+        ref = L.make_step(leg, reference, n, dtype)
+        best = {"impl": float("inf"), "ref": float("inf")}
         deadline = time.perf_counter() + 2.0
         rounds = 0
         while rounds < 5 or (rounds < 50 and time.perf_counter() < deadline):
-            for key, step in (("impl", self.step), ("floor", floor)):
+            for key, step in (("impl", self.step), ("ref", ref)):
                 t0 = time.perf_counter()
                 step.run()
                 best[key] = min(best[key], time.perf_counter() - t0)
             rounds += 1
-        return best["impl"] / best["floor"]
+        return best["impl"] / best["ref"]
+
+    def track_x_floor(self, leg: str, n: int, dtype: str, impl: str) -> float:
+        return self._ratio_to(leg, n, dtype, "floor")
 
     track_x_floor.unit = "x floor"
+
+    def track_x_literal(self, leg: str, n: int, dtype: str, impl: str) -> float:
+        return self._ratio_to(leg, n, dtype, "gipo_literal")
+
+    track_x_literal.unit = "x literal GIPO"
 
 
 def _legs(framework: str) -> list[str]:
