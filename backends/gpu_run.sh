@@ -10,8 +10,10 @@
 #      torch.compile and jax.jit, bfloat16 for torch eager and jax.jit; the "copy" rows give the
 #      device-to-device copy bandwidth, "% copy BW" each step's share of it.
 #
-# Every step has its own time limit; the whole run stays under about 7 minutes even when every step hits
-# its limit. Everything lands in $OUT (at most 8 files, no sub-folders):
+# Every step has its own time limit (install 60 s, env 30 s, conformance 180 s with torch and jax side by
+# side, report 150 s + 70 s), so a hang cannot eat the budget: at most 490 s even if every step hits its
+# limit; give the device call timeout_s=560. The report writes its JSON after every size, so a step cut
+# off at its limit keeps what it measured. Everything lands in $OUT (at most 8 files, no sub-folders):
 #   run.log  env.txt  conformance_torch_cuda.log  conformance_jax_cuda.log
 #   report_float32.json  report_bfloat16.json  report.md
 # The exit status is 0 only if every step passed.
@@ -53,7 +55,7 @@ step() {
 
 # 1. carried wheels
 if compgen -G ".whl/*.whl" >/dev/null; then
-    step install 120 - "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    step install 60 - "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
 else
     echo "no .whl/ carried: relying on the image for array-api-compat (run backends/fetch_gpu_wheels.sh here)"
@@ -61,7 +63,7 @@ fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. the machine
-step env 60 "$OUT/env.txt" bash -c '
+step env 30 "$OUT/env.txt" bash -c '
     nvidia-smi || echo "nvidia-smi failed"
     "$0" - <<EOF
 import platform, importlib
@@ -81,9 +83,9 @@ cat "$OUT/env.txt"
 
 # 3. conformance on cuda, torch and jax side by side (a missing GPU fails: --require-device)
 CONF=(-m pytest conformance --device=cuda --require-device -q -p no:cacheprovider -n 4 --durations=5)
-step conformance_torch_cuda 240 "$OUT/conformance_torch_cuda.log" "$PY" "${CONF[@]}" --backend=torch &
+step conformance_torch_cuda 180 "$OUT/conformance_torch_cuda.log" "$PY" "${CONF[@]}" --backend=torch &
 PID_TORCH=$!
-step conformance_jax_cuda 240 "$OUT/conformance_jax_cuda.log" "$PY" "${CONF[@]}" --backend=jax &
+step conformance_jax_cuda 180 "$OUT/conformance_jax_cuda.log" "$PY" "${CONF[@]}" --backend=jax &
 PID_JAX=$!
 # step() records failures in its own subshell here: read them back from the logs' exit lines.
 wait "$PID_TORCH"; wait "$PID_JAX"
@@ -96,9 +98,9 @@ done
 
 # 4. the ratio report on the GPU (the copy rows are the device-to-device copy bandwidth)
 REPORT=(benchmarks/report.py --strict --sizes 20,22,24,26 --repeats 40 --budget 3)
-step report_float32 200 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
+step report_float32 150 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
     --dtypes float32 --json "$OUT/report_float32.json" --markdown "$OUT/report_float32.md"
-step report_bfloat16 100 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu \
+step report_bfloat16 70 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu \
     --dtypes bfloat16 --json "$OUT/report_bfloat16.json" --markdown "$OUT/report_bfloat16.md"
 cat "$OUT"/report_float32.md "$OUT"/report_bfloat16.md >"$OUT/report.md" 2>/dev/null
 rm -f "$OUT"/report_float32.md "$OUT"/report_bfloat16.md

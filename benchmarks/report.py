@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -51,9 +52,10 @@ def _faults() -> int:
     return r.ru_minflt + r.ru_majflt
 
 
-def measure(leg: str, n: int, dtype: str, impls: tuple[str, ...], repeats: int, budget: float) -> list[dict]:
+def measure(leg: str, n: int, dtype: str, impls: tuple[str, ...], repeats: int, budget: float,
+            data: dict | None = None) -> list[dict]:
     """Time every implementation of one (leg, n, dtype) round-robin; one record per implementation."""
-    data = L.make_inputs(n)
+    data = L.make_inputs(n) if data is None else data
     steps: dict[str, L.Step] = {}
     first: dict[str, float] = {}
     records: list[dict] = []
@@ -256,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
     }
     records: list[dict] = []
+    inputs = functools.lru_cache(maxsize=None)(L.make_inputs)  # the same inputs for every leg
+
+    def write() -> str:
+        """Ratios, JSON and markdown of what has been measured so far (a time limit loses nothing done)."""
+        add_ratios(records)
+        table = markdown(records, unavailable, header)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**header, "unavailable": unavailable, "results": records}, indent=1))
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return table
+
     for leg in requested:
         if leg in unavailable:
             print(f"{leg}: not run ({unavailable[leg]})", file=sys.stderr, flush=True)
@@ -263,16 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in dtypes:
             for n in sizes:
                 t0 = time.perf_counter()
-                records += measure(leg, n, dtype, impls, args.repeats, args.budget)
+                records += measure(leg, n, dtype, impls, args.repeats, args.budget, data=inputs(n))
                 print(f"{leg} {dtype} 2^{L.log2(n)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    add_ratios(records)
-    table = markdown(records, unavailable, header)
-    print(table)
-    out = {**header, "unavailable": unavailable, "results": records}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+                write()
+    print(write())
     if any("error" in r for r in records):
         return 1
     return 2 if args.strict and unavailable else 0
