@@ -28,11 +28,10 @@ Select with asv's ``-b`` regex, which also matches the parameters, e.g.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for legs.py
-
-import time  # noqa: E402
 
 import legs as L  # noqa: E402
 
