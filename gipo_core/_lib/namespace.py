@@ -7,6 +7,7 @@ imported is ever touched.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import array_api_compat
@@ -20,6 +21,12 @@ def is_tf_array(x: Any) -> bool:
     return module.startswith("tensorflow") or module.startswith("tf_keras")
 
 
+def _torch_tensor_type() -> Any:
+    """``torch.Tensor`` if the caller has imported torch, else ``None`` (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None)
+
+
 def array_namespace(*arrays: Any, fn: str = "gipo_core") -> Any:
     """The array-API namespace shared by ``arrays`` (``None`` entries are ignored).
 
@@ -29,6 +36,13 @@ def array_namespace(*arrays: Any, fn: str = "gipo_core") -> Any:
         If the arrays come from two array libraries, or one is not an array at all.
     """
     present = [a for a in arrays if a is not None]
+    tensor = _torch_tensor_type()
+    if tensor is not None and present and all(isinstance(a, tensor) for a in present):
+        # The answer array_api_compat gives for torch tensors, without its generic lookup: that costs
+        # Python time on every call and torch.compile traces it with warnings.
+        from array_api_compat import torch as compat_torch
+
+        return compat_torch
     n_tf = sum(is_tf_array(a) for a in present)
     if n_tf:
         if n_tf != len(present):
@@ -54,6 +68,9 @@ def device_of(x: Any) -> Any:
     """The device ``x`` lives on, or ``None`` where the library cannot say (a sharded jax array)."""
     if is_tf_array(x):
         return getattr(x, "device", None) or None
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(x, tensor):
+        return x.device
     try:
         return array_api_compat.device(x)
     except Exception:  # noqa: BLE001 - sharded or traced arrays have no single device
