@@ -123,8 +123,8 @@ class Driver:
         raise NotImplementedError
 
     def foreign(self, x: np.ndarray) -> Any:
-        """An array of *another* library (to check that mixing libraries is refused)."""
-        return x
+        """An array of *another* library (to check that mixing libraries is refused): NumPy by default."""
+        return np.asarray(x)
 
 
 def _np_dtype(dtype: str) -> Any:
@@ -163,6 +163,7 @@ class ArrayApiStrictDriver(NumpyDriver):
     framework = "array_api_strict"
     default_module = "gipo_core.numpy"
     dtypes = ("float32", "float64")
+    foreign = Driver.foreign  # NumPy arrays: another library than array_api_strict
 
     def asarray(self, x: np.ndarray, dtype: str, device: str) -> Any:
         xp = self.fw
@@ -171,9 +172,6 @@ class ArrayApiStrictDriver(NumpyDriver):
     def to_numpy(self, x: Any) -> np.ndarray:
         a = np.from_dlpack(x)
         return a if a.dtype == bool else a.astype(np.float64)
-
-    def foreign(self, x: np.ndarray) -> Any:
-        return np.asarray(x)
 
 
 class TorchDriver(Driver):
@@ -253,9 +251,6 @@ class TorchDriver(Driver):
 
         grads, losses = func.vmap(func.grad_and_value(f))(logp, *args)
         return losses, grads
-
-    def foreign(self, x):
-        return np.asarray(x)
 
 
 class JaxDriver(Driver):
@@ -360,9 +355,6 @@ class JaxDriver(Driver):
             jax.block_until_ready(vg(logp, args))
         return len(traced)
 
-    def foreign(self, x):
-        return np.asarray(x)
-
 
 class TfDriver(Driver):
     name = "tf"
@@ -370,6 +362,7 @@ class TfDriver(Driver):
     default_module = "gipo_core.tf"
     compilers = ("function", "function-xla")
     autodiff = True
+    traces = True
 
     def devices(self):
         return ["cpu"] + (["cuda"] if self.fw.config.list_physical_devices("GPU") else [])
@@ -427,11 +420,6 @@ class TfDriver(Driver):
             sum=lambda x, axis=None, keepdims=False: tf.reduce_sum(x, axis=axis, keepdims=keepdims),
             full_like=lambda x, v: tf.fill(tf.shape(x), tf.constant(v, dtype=x.dtype)),
         )
-
-    def foreign(self, x):
-        return np.asarray(x)
-
-    traces = True
 
     def count_traces(self, module, fn_name, calls, kwargs, compiler):
         tf = self.fw
