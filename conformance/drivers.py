@@ -117,9 +117,12 @@ class Driver:
         torch.func.vmap): one loss and one gradient per example. Only where :attr:`vectorizes`."""
         raise NotImplementedError
 
-    def count_traces(self, module: Any, fn_name: str, calls: list, kwargs: dict, compiler: str) -> int:
+    def count_traces(
+        self, module: Any, fn_name: str, calls: list, kwargs: dict, compiler: str, batched: bool = False
+    ) -> int:
         """How many times the compiled value-and-gradient function is traced over ``calls`` (a list of
-        ``(logp, args)`` of one shape and dtype, different values). Only where :attr:`traces`."""
+        ``(logp, args)`` of one shape and dtype, different values); with ``batched``, of its per-example
+        vectorised map (where :attr:`vectorizes`). Only where :attr:`traces`."""
         raise NotImplementedError
 
     def foreign(self, x: np.ndarray) -> Any:
@@ -340,7 +343,7 @@ class JaxDriver(Driver):
         losses, grads = jax.jit(jax.vmap(jax.value_and_grad(f)))(logp, *args)
         return losses, grads
 
-    def count_traces(self, module, fn_name, calls, kwargs, compiler):
+    def count_traces(self, module, fn_name, calls, kwargs, compiler, batched=False):
         jax = self.fw
         fn = getattr(module, fn_name)
         traced = []
@@ -350,7 +353,8 @@ class JaxDriver(Driver):
             out = fn(logp, *args, **kwargs)
             return out.loss, out.metrics
 
-        vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+        vg = jax.value_and_grad(f, has_aux=True)
+        vg = jax.jit(jax.vmap(vg) if batched else vg)
         for logp, args in calls:
             jax.block_until_ready(vg(logp, args))
         return len(traced)
@@ -421,7 +425,7 @@ class TfDriver(Driver):
             full_like=lambda x, v: tf.fill(tf.shape(x), tf.constant(v, dtype=x.dtype)),
         )
 
-    def count_traces(self, module, fn_name, calls, kwargs, compiler):
+    def count_traces(self, module, fn_name, calls, kwargs, compiler, batched=False):
         tf = self.fw
         fn = getattr(module, fn_name)
         traced = []

@@ -18,28 +18,38 @@ def test_compiled_matches_oracle(target, dtype, compiler, case) -> None:
     assert not problems, "\n".join(problems)
 
 
+def _per_example_inputs(case, dtype: str, shift: float = 0.0) -> dict:
+    """logp, old_logp and advantages of a case as a (B, T) batch (a 1-D case becomes two examples)."""
+    inputs = {k: v for k, v in rounded_inputs(case, dtype).items() if k in ("logp", "old_logp", "advantages")}
+    inputs["logp"] = registry.oracle.round_to(inputs["logp"] + shift, dtype)
+    if inputs["logp"].ndim == 1:
+        inputs = {k: np.stack([v, v[::-1]]) for k, v in inputs.items()}
+    return inputs
+
+
 @pytest.mark.conformance(cases=one_per_objective, dtypes=("float32",), needs=("traces",))
 def test_no_retracing(target, dtype, compiler, case) -> None:
-    """Calls with new values of the same shapes and dtypes reuse one trace."""
+    """Calls with new values of the same shapes and dtypes reuse one trace (also through jax.vmap)."""
     d = target.driver
-    calls = []
+    kwargs = dict(case.opts, agg=case.agg)
+    calls, batched_calls = [], []
     for shift in (0.0, 0.125, -0.25):
         inputs = rounded_inputs(case, dtype)
         inputs["logp"] = registry.oracle.round_to(inputs["logp"] + shift, dtype)
         logp, args, _ = harness.make_arrays(target, inputs, dtype)
         calls.append((logp, args))
-    kwargs = dict(case.opts, agg=case.agg)
+        logp, args, _ = harness.make_arrays(target, _per_example_inputs(case, dtype, shift), dtype)
+        batched_calls.append((logp, args[:2]))
     assert d.count_traces(target.module, case.fn_name, calls, kwargs, compiler) == 1
-
+    if d.vectorizes:
+        assert d.count_traces(target.module, case.fn_name, batched_calls, kwargs, compiler, batched=True) == 1
 
 
 @pytest.mark.conformance(cases=one_per_objective, dtypes=("float32", "float64"), needs=("vectorizes",))
 def test_per_example_vectorized(target, dtype, case) -> None:
     """jax.vmap / torch.func.vmap over the batch axis: each example's loss and gradient equal the oracle's
     for that example alone."""
-    inputs = {k: v for k, v in rounded_inputs(case, dtype).items() if k in ("logp", "old_logp", "advantages")}
-    if inputs["logp"].ndim == 1:
-        inputs = {k: np.stack([v, v[::-1]]) for k, v in inputs.items()}
+    inputs = _per_example_inputs(case, dtype)
     logp, args, _ = harness.make_arrays(target, inputs, dtype)
     d = target.driver
     losses, grads = d.per_example(target.module, case.fn_name, logp, args[:2], dict(case.opts, agg=case.agg))
