@@ -1,0 +1,1 @@
+"""The gipo-core conformance suite: drivers, registry, mpmath oracle and checks (see README.md here)."""
