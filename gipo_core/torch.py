@@ -29,6 +29,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -67,7 +68,9 @@ _EXAMPLE = """>>> import torch
 
 
 class _LossFunction(torch.autograd.Function):
-    """``(loss, saved, *metrics)`` from the core; backward is ``grad_loss * saved`` cast to ``logp``'s dtype.
+    """``(loss, saved[, metrics])`` from the core, the diagnostics stacked in ``METRIC_NAMES`` order.
+
+    Backward is ``grad_loss * saved`` cast to ``logp``'s dtype.
 
     ``saved`` is returned as an output (the ``setup_context`` form sees only inputs and outputs) and is the
     only tensor kept for backward. It stays differentiable so that a second differentiation reaches
@@ -79,14 +82,13 @@ class _LossFunction(torch.autograd.Function):
     @staticmethod
     def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec):
         device = logp.device.type
+        # The core casts to float32 itself, but an autocast region may list ops it uses (exp, sum): turning
+        # autocast off keeps the work dtype the core's choice on every device.
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            # The core casts to float32 itself, but an autocast region may list ops it uses (exp, sum):
-            # turning autocast off keeps the work dtype the core's choice on every device.
-            with torch.autocast(device_type=device, enabled=False):
-                loss, saved, metrics = forward(
-                    logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=_xp
-                )
+            region = torch.autocast(device_type=device, enabled=False)
         else:
+            region = contextlib.nullcontext()
+        with region:
             loss, saved, metrics = forward(
                 logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=_xp
             )
@@ -109,8 +111,8 @@ class _LossFunction(torch.autograd.Function):
         if grad_saved is not None and not torch.compiler.is_compiling():
             raise RuntimeError(
                 f"`{ctx.fn}`: double backward (differentiating the gradient again, e.g. a second "
-                "torch.autograd.grad after create_graph=True, or torch.func.jacrev of torch.func.grad) is not supported; the gradient "
-                "is computed in closed form and is first-order only"
+                "torch.autograd.grad after create_graph=True, or torch.func.jacrev of torch.func.grad) is not "
+                "supported; the gradient is computed in closed form and is first-order only"
             )
         grad_logp = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
