@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conformance.mutants import MUTANTS
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the conformance package sits at the repository root, beside tests/
+    sys.path.insert(0, str(ROOT))
+
+from conformance.mutants import MUTANTS  # noqa: E402
 
 
 def _pytest(backend: str, keyword: str) -> subprocess.Popen:
