@@ -30,6 +30,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any
 
@@ -145,6 +146,11 @@ gaussian_trust_weight = _api["gaussian_trust_weight"]
 # ------------------------------------------------------------------------------------------------ modules
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    items: tuple[tuple[str, Any], ...]
+
+
 class _PolicyLoss(nn.Module):
     """Shared machinery of the loss modules: options checked once, at construction."""
 
@@ -157,7 +163,9 @@ class _PolicyLoss(nn.Module):
         if not isinstance(with_metrics, bool):
             raise TypeError(f"`{name}`: `with_metrics` must be True or False; got {with_metrics!r}")
         _check_options(name, self._objective, options)
-        self.options = options
+        # Held in a frozen dataclass: torch.compile(dynamic=True) treats its floats as constants, whereas
+        # float attributes (or dict entries) of a module become symbolic inputs that the checks cannot read.
+        self._options = _Options(tuple(options.items()))
         self.agg = agg
         self.with_metrics = with_metrics
         self._fn = _api[OBJECTIVES[self._objective].public_name]
@@ -205,8 +213,13 @@ class _PolicyLoss(nn.Module):
             denominator=denominator,
             behavior_weights=behavior_weights,
             with_metrics=self.with_metrics,
-            **self.options,
+            **dict(self._options.items),
         )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The objective's options (a copy: they are fixed at construction)."""
+        return dict(self._options.items)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -299,6 +299,19 @@ def test_compile_fullgraph_no_graph_break_with_metrics():
         torch.testing.assert_close(out.metrics[key], ref.metrics[key])
 
 
+def test_compile_dynamic_shapes_follow_eager():
+    """dynamic=True: one graph for every batch shape; the module's float options stay constants."""
+    module = gt.SAPOLoss(tau_neg=2.0, agg="seq-mean-token-mean")
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+    for seed, shape in enumerate([(4, 8), (3, 5), (6, 7)]):
+        logp, old, adv, mask = make_batch(shape, seed=seed, per_seq=True)
+        ref, ref_grad = loss_and_grad(module, logp, old, adv, mask)
+        out, grad = loss_and_grad(compiled, logp, old, adv, mask)
+        torch.testing.assert_close(out.loss, ref.loss)
+        torch.testing.assert_close(grad, ref_grad)
+        torch.testing.assert_close(out.metrics["ess"], ref.metrics["ess"])
+
+
 @pytest.mark.slow
 def test_compile_inductor_matches_eager():
     logp, old, adv, mask = make_batch((8, 32), seed=9, dtype=torch.float32, mask="float")
@@ -391,6 +404,9 @@ def test_module_matches_function(cls, fn, opts):
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
     assert list(module.parameters()) == [] and module.state_dict() == {}
     assert "agg='seq-mean-token-sum'" in repr(module)
+    assert module.options == opts
+    module.options.clear()  # a copy: the options are fixed at construction
+    assert module.options == opts
 
 
 @pytest.mark.parametrize(
