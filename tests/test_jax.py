@@ -423,7 +423,9 @@ _SHARDING_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
 def test_sharded_over_eight_devices_equals_unsharded(agg):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # The flag must be set before JAX initialises, hence a fresh process; on a GPU machine it runs on the CPU.
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", _SHARDING_SCRIPT.format(agg=agg)], env=env, capture_output=True, text=True, timeout=300
     )
