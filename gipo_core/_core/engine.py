@@ -170,7 +170,8 @@ def forward(
         # Zero every input at masked elements before any exp: NaN/inf there must not leak.
         ell = xp.where(valid, ell, 0.0)
         adv = xp.where(valid, adv, 0.0)
-        lp = xp.where(valid, lp, 0.0)
+        if objective.uses_logp:
+            lp = xp.where(valid, lp, 0.0)
         if bw is not None:
             bw = xp.where(valid, bw, 0.0)
 

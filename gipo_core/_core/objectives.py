@@ -49,6 +49,7 @@ class Objective:
     weight: Callable[..., Any]
     summary: str
     math: str
+    uses_logp: bool = False  # the per-element loss reads logp itself (CISPO), not only the log-ratio
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -261,6 +262,7 @@ OBJECTIVES: dict[str, Objective] = {
         terms=_cispo_terms,
         weight=_cispo_weight,
         summary="CISPO loss: REINFORCE on logp weighted by the detached, clipped importance ratio.",
+        uses_logp=True,
         math=(
             "L = -stopgrad(min(rho, clip_max)) * A * logp; dL/dlogp = -A * min(rho, clip_max),\n"
             "computed as exp(min(l, log clip_max)), which never overflows."
