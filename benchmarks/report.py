@@ -44,7 +44,16 @@ import legs as L  # noqa: E402
 
 #: Environment that makes glibc keep freed memory for reuse instead of returning it to the kernel.
 MALLOC_REUSE = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
-LOSS_IMPLS = ("gipo", "gipo+metrics", "ppo_clip", "gipo_literal", "ppo_clip_verl")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment that caps every framework's CPU thread pool at ``threads`` (empty: leave theirs)."""
+    if threads is None:
+        return {}
+    xla = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "XLA_FLAGS": xla,
+            "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
 
 
 def _faults() -> int:
@@ -133,8 +142,10 @@ def _fmt_time(t: float) -> str:
 def markdown(records: list[dict], unavailable: dict[str, str], header: dict[str, Any]) -> str:
     """The report as markdown: a header, one table, the legs that did not run."""
     alloc = ", ".join(f"{k}={v}" for k, v in header["malloc"].items() if v != "default") or "glibc defaults"
+    threads = ", ".join(f"{k}={v}" for k, v in header["threads"].items() if v != "default") or "frameworks' defaults"
     lines = [
-        f"Measured {header['date']} on {header['machine']} with `{header['command']}`; allocator: {alloc}.",
+        f"Measured {header['date']} on {header['machine']} with `{header['command']}`; allocator: {alloc}; "
+        f"threads: {threads}.",
         "",
         "| leg | n | dtype | implementation | time | GB/s | × floor | × PPO-clip (verl) | × literal GIPO "
         "| % copy BW | extra bytes | faults/call |",
@@ -210,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per (leg, size, dtype)")
     p.add_argument("--json", default="benchmarks/report.json", help="where to write the JSON results")
     p.add_argument("--markdown", default=None, help="also write the markdown table here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per framework (OMP_NUM_THREADS, XLA and TF intra-op threads); default: theirs")
     p.add_argument("--strict", action="store_true",
                    help="exit with status 2 if a requested leg cannot run here (a GPU run that must not skip)")
     p.add_argument("--malloc", choices=("default", "reuse", "both"), default="default",
@@ -219,8 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.malloc == "both" or (args.malloc == "reuse" and any(os.environ.get(k) != v for k, v in MALLOC_REUSE.items())):
-        # Allocator settings are read at process start: run each setting in a fresh process.
+    modes = ("default", "reuse") if args.malloc == "both" else (args.malloc,)
+    envs = {mode: {**(MALLOC_REUSE if mode == "reuse" else {}), **thread_env(args.threads)} for mode in modes}
+    if len(modes) > 1 or any(os.environ.get(k) != v for k, v in envs[modes[0]].items()):
+        # Allocator and thread settings are read at process start: run each setting in a fresh process.
         argv_rest, tokens = [], iter(argv if argv is not None else sys.argv[1:])
         for token in tokens:
             if token == "--malloc":
@@ -228,18 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             elif not token.startswith("--malloc="):
                 argv_rest.append(token)
         rc = 0
-        for mode in (("default", "reuse") if args.malloc == "both" else ("reuse",)):
-            env = dict(os.environ)
-            if mode == "reuse":
-                env.update(MALLOC_REUSE)
+        for mode in modes:
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_REUSE}
+            env.update(envs[mode])
             extra = []
-            if args.malloc == "both":
+            if len(modes) > 1:
                 stem = Path(args.json)
                 extra = ["--json", str(stem.with_name(f"{stem.stem}-{mode}{stem.suffix}"))]
                 if args.markdown:
                     md = Path(args.markdown)
                     extra += ["--markdown", str(md.with_name(f"{md.stem}-{mode}{md.suffix}"))]
-            print(f"\n## allocator: {mode}\n", flush=True)
+                print(f"\n## allocator: {mode}\n", flush=True)
             rc |= subprocess.call([sys.executable, __file__, *argv_rest, *extra, "--malloc", "default"], env=env)
         return rc
     requested = L.ALL_LEGS if args.legs == "all" else tuple(s.strip() for s in args.legs.split(","))
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "command": "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "malloc": L.malloc_settings(),
+        "threads": {k: os.environ.get(k, "default") for k in THREAD_VARS},
         "versions": versions(),
     }
     records: list[dict] = []

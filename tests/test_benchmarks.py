@@ -119,6 +119,16 @@ def test_benchmarks_compare_like_with_like(leg: str) -> None:
     assert np.abs(out["gipo"][1]).max() > 0
 
 
+def test_thread_env_caps_every_framework() -> None:
+    spec = importlib.util.spec_from_file_location("gipo_bench_report_env", BENCH_DIR / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.thread_env(None) == {}
+    env = report.thread_env(1)
+    assert env["OMP_NUM_THREADS"] == "1" and env["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert "intra_op_parallelism_threads=1" in env["XLA_FLAGS"] and "eigen=false" in env["XLA_FLAGS"]
+
+
 def test_inputs_are_seeded_and_masked() -> None:
     a, b = legs.make_inputs(1 << 12), legs.make_inputs(1 << 12)
     for key in a:
@@ -157,6 +167,7 @@ def test_report_writes_ratios(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         assert gipo["floor_s"] <= 2.5 * rows[n, "copy"]["min_s"] * (1 + 1e-12)
     assert "torch:cuda" in data["unavailable"] or any(r["leg"] == "torch:cuda" for r in data["results"])
     assert set(data["malloc"]) >= {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    assert "OMP_NUM_THREADS" in data["threads"]
     table = capsys.readouterr().out
     assert "| numpy:cpu | 2^10 | float32 | gipo | " in table
     assert (tmp_path / "r.md").read_text().strip() == table.strip()
