@@ -84,8 +84,14 @@ class _LossFunction(torch.autograd.Function):
     def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec):
         device = logp.device.type
         # The core casts to float32 itself, but an autocast region may list ops it uses (exp, sum): turning
-        # autocast off keeps the work dtype the core's choice on every device.
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # autocast off keeps the work dtype the core's choice on every device. Not while compiling: older
+        # dynamo versions (torch 2.11) cannot trace is_autocast_available, and autocast lowers none of the
+        # core's ops (it has no matmul or convolution), so the region changes nothing there.
+        if (
+            not torch.compiler.is_compiling()
+            and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)
+        ):
             region = torch.autocast(device_type=device, enabled=False)
         else:
             region = contextlib.nullcontext()
