@@ -139,13 +139,35 @@ def _fmt_time(t: float) -> str:
     return f"{t * 1e6:.0f} µs" if t < 1e-3 else f"{t * 1e3:.2f} ms"
 
 
+def summary(records: list[dict]) -> list[str]:
+    """A compact table: this library's GIPO per (leg, n, dtype), with and without its diagnostics."""
+    rows = {(r["leg"], r["n"], r["dtype"], r["impl"]): r for r in records if "median_s" in r}
+    lines = [
+        "| leg | n | dtype | GIPO time | × floor | × PPO-clip (verl) | × literal GIPO | extra bytes "
+        "| with diagnostics × floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (leg, n, dtype, impl), r in rows.items():
+        if impl != "gipo":
+            continue
+        metrics = rows.get((leg, n, dtype, "gipo+metrics"))
+        lines.append(
+            f"| {leg} | 2^{L.log2(n)} | {dtype} | {_fmt_time(r['min_s'])} | {_fmt(r['x_floor'], '.2f')} "
+            f"| {_fmt(r['x_ppo_clip_verl'], '.2f')} | {_fmt(r['x_gipo_literal'], '.2f')} "
+            f"| {L.human_bytes(r['extra_bytes'])} | {_fmt(metrics and metrics['x_floor'], '.2f')} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def markdown(records: list[dict], unavailable: dict[str, str], header: dict[str, Any]) -> str:
-    """The report as markdown: a header, one table, the legs that did not run."""
+    """The report as markdown: a header, a GIPO summary, the full table, the legs that did not run."""
     alloc = ", ".join(f"{k}={v}" for k, v in header["malloc"].items() if v != "default") or "glibc defaults"
     threads = ", ".join(f"{k}={v}" for k, v in header["threads"].items() if v != "default") or "frameworks' defaults"
     lines = [
         f"Measured {header['date']} on {header['machine']} with `{header['command']}`; allocator: {alloc}; "
         f"threads: {threads}.",
+        "",
+        *summary(records),
         "",
         "| leg | n | dtype | implementation | time | GB/s | × floor | × PPO-clip (verl) | × literal GIPO "
         "| % copy BW | extra bytes | faults/call |",
