@@ -56,8 +56,9 @@ class Objective:
         return tuple(k for k, _ in self.defaults)
 
 
-#: log of the largest finite float32 / float64 (indexed by "is float64"), minus a margin for rounding.
-_LOG_MAX = (88.0, 709.0)
+#: log of the largest finite float32 / float64, less a margin for rounding.
+_LOG_MAX_F32 = 88.0
+_LOG_MAX_F64 = 709.0
 
 
 def neg_adv_times(adv: Any, u: Any, xp: Any) -> Any:
@@ -108,7 +109,8 @@ def _gipo_terms(ell: Any, adv: Any, logp: Any, opts: Mapping[str, Any], xp: Any)
         u = xp.exp(ell * (1.0 - ell * k))
         # u <= exp(sigma^2 / 2): when that bound is finite in the work dtype, u never overflows and
         # -A * u needs no guard against 0 * inf (decided from Python options, not from data).
-        if max(sigma, sigma_neg) ** 2 / 2.0 < _LOG_MAX[ell.dtype == xp.float64]:
+        log_max = _LOG_MAX_F64 if ell.dtype == xp.float64 else _LOG_MAX_F32
+        if max(sigma, sigma_neg) ** 2 / 2.0 < log_max:
             return ElementTerms(loss=-adv * u, grad=None, mult=u)
     else:
         u = xp.exp(ell + _gipo_log_weight(ell, adv, opts, xp))
