@@ -99,9 +99,15 @@ def _counts(x: Any, xp: Any) -> tuple[Any, Any, Any]:
     return n_total / _guard(n_seq, xp), n_total, n_seq
 
 
-def _coefficient(m: Any, like: Any, spec: LossSpec, denominator: Any, wd: Any, xp: Any) -> Any:
-    """Per-element aggregation weight ``c`` with ``loss = sum(c * L)`` (a Python float when no mask is given
-    and the shape of ``like``, an array of the inputs' shape, is static)."""
+def _coefficient(
+    m: Any, like: Any, spec: LossSpec, denominator: Any, wd: Any, xp: Any, *, binary: bool = False
+) -> Any:
+    """Aggregation weight ``c`` with ``loss = sum(c * L)``: per element for a float mask; else a Python
+    float or a small array (0-d, or one value per sequence) that broadcasts.
+
+    ``binary``: the mask is bool. Masked elements already have ``L = 0`` and ``dL/dlogp = 0`` (their advantage
+    is zeroed before the objective runs), so the mask only counts and need not multiply: one full-size
+    pass fewer."""
     n_time, n_total, n_seq_total = _counts(like, xp)
     given = spec.denominator if denominator is None else xp.astype(denominator, wd)
     agg = spec.agg
@@ -112,7 +118,7 @@ def _coefficient(m: Any, like: Any, spec: LossSpec, denominator: Any, wd: Any, x
             return numerator * (1.0 / denom)
         return numerator / denom
 
-    one = 1.0 if m is None else m
+    one = 1.0 if m is None or binary else m
     if agg == "token-mean":
         count = given if given is not None else (n_total if m is None else xp.sum(m))
         return scale(one, count)
@@ -130,9 +136,7 @@ def _coefficient(m: Any, like: Any, spec: LossSpec, denominator: Any, wd: Any, x
     if agg == "seq-mean-token-sum":
         return scale(one, n_seq)
     # seq-mean-token-mean
-    if m is None:
-        return scale(1.0, _guard(per_seq, xp) * _guard(n_seq, xp))
-    return scale(m, _guard(per_seq, xp) * _guard(n_seq, xp))
+    return scale(one, _guard(per_seq, xp) * _guard(n_seq, xp))
 
 
 def forward(
@@ -176,7 +180,7 @@ def forward(
             bw = xp.where(valid, bw, 0.0)
 
     terms = objective.terms(ell, adv, lp, opts, xp)
-    coef = _coefficient(m, ell, spec, denominator, wd, xp)
+    coef = _coefficient(m, ell, spec, denominator, wd, xp, binary=mask is not None and mask.dtype == xp.bool)
     if bw is not None:
         coef = coef * bw
     if terms.grad is None:  # the per-element loss is its own gradient: one pass gives both
