@@ -113,10 +113,8 @@ def _coefficient(
     agg = spec.agg
 
     def scale(numerator: Any, denom: Any) -> Any:
-        denom = _guard(denom, xp)
-        if isinstance(denom, (int, float)):
-            return numerator * (1.0 / denom)
-        return numerator / denom
+        # A reciprocal of the (scalar or per-sequence) count, then a multiply: no division per element.
+        return numerator * (1.0 / _guard(denom, xp))
 
     one = 1.0 if m is None or binary else m
     if agg == "token-mean":
