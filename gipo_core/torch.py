@@ -14,6 +14,9 @@ in the ``forward`` + ``setup_context`` form, so the same call works eagerly, und
   0-d tensors on the inputs' device.
 - Double backward (a gradient of the gradient) raises a ``RuntimeError`` that says so; forward-mode AD
   (``torch.func.jvp``, ``jacfwd``, ``hessian``) is not implemented.
+- Eagerly, CPU inputs with at least 2^16 elements run the core's forward as one kernel compiled from the
+  same core code by ``torch.compile`` (compiled once per option set, on first use); see :func:`set_fused`
+  to turn it off or to use it on every device and size.
 
 Examples
 --------
@@ -38,9 +41,10 @@ import torch
 from torch import nn
 
 from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, make_api
-from ._core.engine import LossSpec, backward, forward
+from ._core.engine import LossSpec, backward
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
+from ._torch_fused import core_forward, fused_settings, set_fused
 from ._torch_namespace import namespace as _xp
 
 __all__ = [
@@ -56,6 +60,8 @@ __all__ = [
     "NoClipLoss",
     "SAPOLoss",
     "CISPOLoss",
+    "set_fused",
+    "fused_settings",
 ]
 
 _EXAMPLE = """>>> import torch
@@ -96,13 +102,9 @@ class _LossFunction(torch.autograd.Function):
         else:
             region = contextlib.nullcontext()
         with region:
-            loss, saved, metrics = forward(
-                logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=_xp
-            )
-        if not spec.with_metrics:
-            return loss, saved
-        # One output for all the diagnostics: each output of an autograd.Function costs Python time.
-        return loss, saved, torch.stack(list(metrics.values()))
+            arrays = (logp, old_logp, advantages, mask, behavior_weights, denominator)
+            loss, saved, stacked = core_forward(arrays, spec)
+        return (loss, saved) if stacked is None else (loss, saved, stacked)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

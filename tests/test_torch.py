@@ -137,17 +137,24 @@ def test_only_logp_receives_a_gradient():
     assert all(not v.requires_grad for v in out.metrics.values())
 
 
-def test_backward_keeps_one_input_sized_tensor():
+@pytest.mark.parametrize("fused", ["never", "always"])
+def test_backward_keeps_one_input_sized_tensor(fused):
+    """Op by op and through the fused kernel (``set_fused``) alike."""
     logp, old, adv, mask = make_batch((8, 16), dtype=torch.float32, mask="bool")
     x = logp.clone().requires_grad_(True)
+    before = gt.fused_settings()
+    gt.set_fused(fused)
     packed = []
 
     def pack(t):
         packed.append((tuple(t.shape), t.dtype))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = gt.gipo_loss(x, old, adv, mask)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = gt.gipo_loss(x, old, adv, mask)
+    finally:
+        gt.set_fused(**before)
     assert packed == [((8, 16), torch.float32)]
     out.loss.backward()
 

@@ -1,0 +1,139 @@
+"""The core's forward as one compiled kernel for large eager inputs: ``torch.compile`` (inductor) of the core.
+
+Eager PyTorch runs the core one array op at a time: about a dozen passes over memory and as many fresh
+input-sized tensors, which is what the literal formula costs too. Compiling the same core function (no
+second copy of the math) gives one fused loop that reads the inputs once, writes ``saved`` and accumulates
+the loss and the diagnostics on the way.
+
+When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
+
+- ``"auto"`` (default): CPU tensors with at least ``min_numel`` elements. CUDA keeps the plain path by
+  default: the compiled path has not been run on a GPU yet.
+- ``"always"``: every eligible call, any device and size (the tests use it to check the kernel on small
+  inputs).
+- ``"never"``: the plain path only.
+
+Never inside ``torch.compile`` (the caller's graph already fuses the core), under ``torch.func`` transforms,
+under a ``TorchDispatchMode`` (fake tensors, tracing, FLOP counting) or for tensor subclasses: those run the
+plain path. The first call for a new option set compiles (seconds); if compiling fails (no C++ compiler, an
+unsupported platform) a ``RuntimeWarning`` says so once and that option set keeps the plain path.
+
+Results equal the plain path's to within rounding: the compiled loop sums in a different order and may
+contract multiply-adds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._core.engine import LossSpec, forward
+from ._torch_namespace import namespace as _xp
+
+__all__ = ["core_forward", "set_fused", "fused_settings"]
+
+MODES = ("auto", "always", "never")
+
+_settings: dict[str, Any] = {"mode": "auto", "min_numel": 1 << 16}
+# LossSpec -> compiled kernel, or None once compiling it failed.
+_kernels: dict[LossSpec, Callable[..., Any] | None] = {}
+
+
+def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
+    """Choose when the loss functions run the core's forward as one kernel built by ``torch.compile``.
+
+    Parameters
+    ----------
+    mode : {'auto', 'always', 'never'}, default 'auto'
+        ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size.
+        ``'never'``: the core one torch op at a time. In every mode the kernel is skipped inside a caller's
+        ``torch.compile``, under ``torch.func.vmap``, under a ``TorchDispatchMode`` and for tensor subclasses.
+    min_numel : int, default 65536
+        The smallest ``logp.numel()`` that ``'auto'`` compiles for (below it Python overhead dominates).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``mode`` or a ``min_numel`` that is not an int >= 0; the settings stay as they were.
+
+    Notes
+    -----
+    The kernel is the same core function, compiled once per option set (``LossSpec``) with dynamic shapes;
+    the first call compiles (seconds). It agrees with the op-by-op path to within rounding (another
+    summation order). If compiling fails, a ``RuntimeWarning`` says so once and that option set keeps the
+    op-by-op path.
+
+    Examples
+    --------
+    >>> import gipo_core.torch as gt
+    >>> gt.set_fused("never")
+    >>> gt.fused_settings()
+    {'mode': 'never', 'min_numel': 65536}
+    >>> gt.set_fused()
+    """
+    if mode not in MODES:
+        raise ValueError(f"`set_fused`: `mode` must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"`set_fused`: `min_numel` must be an int >= 0; got {min_numel!r}")
+    _settings["mode"] = mode
+    _settings["min_numel"] = min_numel
+
+
+def fused_settings() -> dict[str, Any]:
+    """The current ``mode`` and ``min_numel`` (a copy)."""
+    return dict(_settings)
+
+
+def _eligible(logp: torch.Tensor) -> bool:
+    mode = _settings["mode"]
+    if mode == "never" or torch.compiler.is_compiling():
+        return False
+    if (
+        type(logp) is not torch.Tensor
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return False
+    return mode == "always" or (logp.device.type == "cpu" and logp.numel() >= _settings["min_numel"])
+
+
+def _plain(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
+    loss, saved, metrics = forward(*arrays, spec=spec, xp=_xp)
+    # One tensor for all the diagnostics: each output of an autograd.Function costs Python time.
+    stacked = torch.stack(list(metrics.values())) if spec.with_metrics else None
+    return loss, saved, stacked
+
+
+def _compile(spec: LossSpec) -> Callable[..., Any]:
+    def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator):
+        return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator), spec)
+
+    # A code object of its own per option set: dynamo keeps compiled entries per code object and stops
+    # recompiling after a few (the recompile limit), and ``spec`` differs only in the closure.
+    kernel.__code__ = kernel.__code__.replace(co_name=f"gipo_core_forward_{len(_kernels)}")
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+def core_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
+    """``(loss, saved, stacked diagnostics or None)`` from the core: compiled when eligible, else op by op."""
+    if not _eligible(arrays[0]):
+        return _plain(arrays, spec)
+    kernel = _kernels.get(spec, False)
+    if kernel is False:
+        kernel = _kernels[spec] = _compile(spec)
+    if kernel is None:
+        return _plain(arrays, spec)
+    try:
+        return kernel(*arrays)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: keep the plain path for this option set
+        _kernels[spec] = None
+        warnings.warn(
+            f"gipo_core.torch: compiling the fused loss kernel failed ({type(exc).__name__}: {exc}); "
+            "this option set runs op by op from now on (gipo_core.torch.set_fused('never') silences this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _plain(arrays, spec)

@@ -1,0 +1,259 @@
+"""The fused eager path of the PyTorch backend: the core's forward compiled into one kernel (``set_fused``).
+
+The op-by-op path is the reference here (it is checked against the NumPy oracle and the golden data in
+``test_torch.py`` and the conformance suite); the kernel must agree with it to within rounding, keep every
+property of the adapter (one saved tensor, float32 inside, NaN at masked positions contained, the double
+backward error) and step aside wherever compiling would be wrong or nested.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gipo_core.torch as gt  # noqa: E402
+from gipo_core import _torch_fused  # noqa: E402
+from gipo_core._api import PUBLIC_LOSSES  # noqa: E402
+
+_sigmas = itertools.count()
+
+
+def _fresh_sigma() -> float:
+    """A sigma no other test uses: a new option set, so whether a kernel was built for it can be checked."""
+    return 0.6 + 0.01 * next(_sigmas)
+
+
+def _compiler_works() -> bool:
+    try:
+        torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4))
+    except Exception:  # noqa: BLE001 - inductor needs a C++ toolchain on CPU
+        return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _compiler_works(), reason="torch.compile cannot build a CPU kernel here"),
+]
+
+
+@pytest.fixture(autouse=True)
+def restore_dispatch():
+    before = gt.fused_settings()
+    yield
+    gt.set_fused(**before)
+
+
+def _kernel_built(fn_name: str, *, agg: str | None = None, with_metrics: bool | None = None, **opts) -> bool:
+    """Whether a working kernel exists for an option set of ``fn_name`` matching the given fields."""
+    objective = PUBLIC_LOSSES[fn_name]
+    return any(
+        spec.objective == objective
+        and all(spec.opts.get(k) == v for k, v in opts.items())
+        and agg in (None, spec.agg)
+        and with_metrics in (None, spec.with_metrics)
+        and kernel is not None
+        for spec, kernel in _torch_fused._kernels.items()
+    )
+
+
+def make_batch(shape=(6, 40), *, seed=0, dtype=torch.float32, mask="float", per_seq=False, plant_nan=True):
+    """Log-ratios out to +-6 (the weights and ratios far from 1), and NaN/inf planted where the mask is 0."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(shape, generator=g, dtype=torch.float64) * 3.0
+    ell = 0.4 * torch.randn(shape, generator=g, dtype=torch.float64)
+    far = torch.rand(shape, generator=g) < 0.1
+    ell[far] = 12.0 * torch.rand(int(far.sum()), generator=g, dtype=torch.float64) - 6.0
+    logp = old + ell
+    adv = torch.randn(shape[:-1] + (1,) if per_seq else shape, generator=g, dtype=torch.float64)
+    valid = torch.rand(shape, generator=g) < 0.8
+    valid[0, 5:] = False
+    if plant_nan and mask != "none":
+        logp[~valid] = float("nan")
+        if not per_seq:
+            adv[~valid] = float("inf")
+    m = {"float": valid.to(dtype), "bool": valid, "none": None}[mask]
+    return logp.to(dtype), old.to(dtype), adv.to(dtype), m
+
+
+def run(fn, logp, *args, mode, **kw):
+    gt.set_fused(mode)
+    x = logp.detach().clone().requires_grad_(True)
+    out = fn(x, *args, **kw)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    return out, grad
+
+
+# (loss function, options, agg, mask, dtype, diagnostics, per-sequence advantages)
+CASES = [
+    ("gipo_loss", {}, "token-mean", "float", torch.float32, True, False),
+    ("gipo_loss", {"sigma": 0.5, "sigma_neg": 0.25}, "seq-mean-token-mean", "bool", torch.float32, False, True),
+    ("gipo_loss", {"kernel": "laplace"}, "seq-mean-token-sum", "none", torch.float64, True, False),
+    ("gipo_loss", {"kernel": "cauchy", "sigma": 2.0}, "seq-mean-token-sum-norm", "float", torch.bfloat16, False, False),
+    ("ppo_clip_loss", {"dual_clip": 3.0}, "token-mean", "bool", torch.float16, True, False),
+    ("no_clip_loss", {}, "token-mean", "float", torch.float32, False, False),
+    ("sapo_loss", {"tau_neg": 2.0}, "seq-mean-token-mean", "float", torch.float32, True, False),
+    ("cispo_loss", {"clip_max": 1.5}, "token-mean", "bool", torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize(("name", "opts", "agg", "mask", "dtype", "metrics", "per_seq"), CASES)
+def test_fused_kernel_matches_op_by_op(name, opts, agg, mask, dtype, metrics, per_seq):
+    logp, old, adv, m = make_batch(dtype=dtype, mask=mask, per_seq=per_seq, seed=len(name) + len(agg))
+    fn = getattr(gt, name)
+    kw = dict(opts, agg=agg, with_metrics=metrics)
+    ref, ref_grad = run(fn, logp, old, adv, m, mode="never", **kw)
+    out, grad = run(fn, logp, old, adv, m, mode="always", **kw)
+    assert _kernel_built(name, agg=agg, with_metrics=metrics, **opts)
+    assert out.loss.dtype == ref.loss.dtype and grad.dtype == logp.dtype
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    low = dtype in (torch.float16, torch.bfloat16)
+    tol = dict(rtol=1e-2, atol=1e-4) if low else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    assert out.metrics.keys() == ref.metrics.keys()
+    for key in ref.metrics:
+        torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_behavior_weights_tensor_denominator_and_a_second_shape_reuse_the_kernel():
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch(seed=3)
+    bw = torch.rand(logp.shape, generator=torch.Generator().manual_seed(5))
+    kw = dict(sigma=sigma, behavior_weights=bw, denominator=torch.tensor(512.0), with_metrics=False)
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", **kw)
+    out, grad = run(gt.gipo_loss, logp, old, adv, m, mode="always", **kw)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(grad, ref_grad)
+    built = len(_torch_fused._kernels)
+    logp2, old2, adv2, m2 = make_batch((3, 7, 50), seed=4)
+    kw["behavior_weights"] = torch.ones(logp2.shape)
+    ref2, ref_grad2 = run(gt.gipo_loss, logp2, old2, adv2, m2, mode="never", **kw)
+    out2, grad2 = run(gt.gipo_loss, logp2, old2, adv2, m2, mode="always", **kw)
+    assert len(_torch_fused._kernels) == built  # same option set: the same kernel, shapes are dynamic
+    torch.testing.assert_close(out2.loss, ref2.loss)
+    torch.testing.assert_close(grad2, ref_grad2)
+
+
+def test_auto_fuses_large_cpu_inputs_only():
+    sigma = _fresh_sigma()
+    gt.set_fused("auto", min_numel=200)
+    small = make_batch((4, 40))  # 160 elements
+    gt.gipo_loss(*small, sigma=sigma, with_metrics=False)
+    assert not _kernel_built("gipo_loss", sigma=sigma)
+    large = make_batch((6, 40))  # 240 elements
+    gt.gipo_loss(*large, sigma=sigma, with_metrics=False)
+    assert _kernel_built("gipo_loss", sigma=sigma)
+
+
+def test_func_grad_runs_the_kernel_on_plain_tensors():
+    """torch.func.grad runs an autograd.Function's forward on unwrapped tensors: the kernel is valid there."""
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch(seed=6)
+    _, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=sigma, with_metrics=False)
+    gt.set_fused("always")
+    grad = torch.func.grad(lambda x: gt.gipo_loss(x, old, adv, m, sigma=sigma, with_metrics=False).loss)(logp)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_never_fuses_under_vmap_torch_compile_or_dispatch_modes():
+    logp, old, adv, m = make_batch(seed=7)
+
+    sigma = _fresh_sigma()
+    gt.set_fused("always")
+    per_row = torch.func.vmap(lambda a, b, c, d: gt.gipo_loss(a, b, c, d, sigma=sigma, with_metrics=False).loss)(
+        logp, old, adv, m
+    )
+    gt.set_fused("never")
+    expected = [gt.gipo_loss(*(x[i : i + 1] for x in (logp, old, adv, m)), sigma=sigma).loss for i in range(6)]
+    torch.testing.assert_close(per_row, torch.stack(expected))
+    assert not _kernel_built("gipo_loss", sigma=sigma)
+
+    sigma = _fresh_sigma()
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=sigma, with_metrics=False)
+    compiled = torch.compile(gt.GIPOLoss(sigma=sigma, with_metrics=False), fullgraph=True, backend="aot_eager")
+    out, grad = run(compiled, logp, old, adv, m, mode="always")
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(grad, ref_grad)
+    assert not _kernel_built("gipo_loss", sigma=sigma)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    sigma = _fresh_sigma()
+    with Passthrough():
+        out = gt.gipo_loss(logp, old, adv, m, sigma=sigma, with_metrics=False)
+    assert torch.isfinite(out.loss)
+    assert not _kernel_built("gipo_loss", sigma=sigma)
+
+
+def test_fused_path_refuses_double_backward():
+    gt.set_fused("always")
+    logp, old, adv, m = make_batch(seed=8)
+    x = logp.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(gt.gipo_loss(x, old, adv, m).loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="`gipo_loss`: double backward"):
+        torch.autograd.grad(grad.sum(), x)
+
+
+def test_fused_path_inside_autocast_computes_in_float32():
+    logp, old, adv, m = make_batch(seed=9)
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="always")
+    x = logp.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gt.gipo_loss(x, old, adv, m)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+
+
+def test_a_compiler_failure_warns_once_and_falls_back(monkeypatch):
+    def broken(spec):
+        def kernel(*arrays):
+            raise RuntimeError("no C++ compiler (simulated)")
+
+        return kernel
+
+    monkeypatch.setattr(_torch_fused, "_compile", broken)
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch(seed=10)
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=sigma)
+    with pytest.warns(RuntimeWarning, match=r"compiling the fused loss kernel failed \(RuntimeError: no C\+\+"):
+        out, grad = run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=sigma)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=sigma)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "pattern"),
+    [
+        (("fast",), {}, r"`set_fused`: `mode` must be one of 'auto', 'always', 'never'; got 'fast'"),
+        (("auto",), {"min_numel": -1}, r"`set_fused`: `min_numel` must be an int >= 0; got -1"),
+        (("auto",), {"min_numel": 2.5}, r"`set_fused`: `min_numel` must be an int >= 0; got 2.5"),
+    ],
+)
+def test_set_fused_rejects_bad_arguments_and_keeps_the_settings(args, kwargs, pattern):
+    before = gt.fused_settings()
+    with pytest.raises(ValueError, match=pattern):
+        gt.set_fused(*args, **kwargs)
+    assert gt.fused_settings() == before
+
+
+def test_set_fused_docstring_example_runs():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(gt.set_fused, "set_fused", globs={}):
+        runner.run(test)
+    assert runner.tries > 0 and runner.failures == 0
