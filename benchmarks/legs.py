@@ -1,6 +1,7 @@
 """What the benchmarks run: one forward + backward step per (leg, implementation, size, dtype).
 
-A *leg* is one framework in one execution mode on one device: ``numpy:cpu``, ``torch:cpu`` (eager),
+A *leg* is one framework in one execution mode on one device: ``numpy:cpu``, ``torch:cpu`` (eager; large
+inputs run the library's fused kernel), ``torch.opbyop:cpu`` (eager, the core one torch op at a time),
 ``torch.compile:cpu``, ``jax.jit:cpu``, ``tf.xla:cpu`` and, where a GPU is present, ``torch:cuda``,
 ``torch.compile:cuda`` and ``jax.jit:gpu``. A leg whose framework, adapter or device is missing is
 reported as unavailable with the reason (see ``leg_status``), never silently dropped.
@@ -56,6 +57,7 @@ __all__ = [
 ALL_LEGS = (
     "numpy:cpu",
     "torch:cpu",
+    "torch.opbyop:cpu",
     "torch.compile:cpu",
     "jax.jit:cpu",
     "tf.xla:cpu",
@@ -364,7 +366,9 @@ def _loss_fn(module: Any, impl: str) -> Callable:
     return loss_fn
 
 
-def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) -> tuple[Callable, Callable | None]:
+def _torch_step(impl: str, data: dict, dtype: str, device: str, mode: str) -> tuple[Callable, Callable | None]:
+    """``mode``: 'eager' (the library's default dispatch: one fused kernel for large CPU inputs), 'opbyop' (the
+    core one torch op at a time, ``set_fused('never')``) or 'compile' (``torch.compile`` of the whole step)."""
     import torch
 
     import gipo_core.torch as gt
@@ -374,6 +378,7 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) 
                           ("logp", "old_logp", "advantages", "mask"))
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    compiled = mode == "compile"
     maybe_compile = torch.compile if compiled else (lambda f: f)
 
     if impl in ("copy", "floor"):
@@ -399,11 +404,19 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, compiled: bool) 
                    torch.where, torch.sum)
         loss_fn = _cached(("torch", impl, compiled), lambda: maybe_compile(_plain_or_library(impl, ops, gt)))
         leaf = lp.clone().requires_grad_(True)
+        dispatch = gt.fused_settings()
+        if mode == "opbyop":
+            dispatch["mode"] = "never"
 
         def run() -> Any:
             leaf.grad = None
-            loss = loss_fn(leaf, old, adv, mask)
-            loss.backward()
+            before = gt.fused_settings()
+            gt.set_fused(**dispatch)
+            try:
+                loss = loss_fn(leaf, old, adv, mask)
+                loss.backward()
+            finally:
+                gt.set_fused(**before)
             sync()
             return loss, leaf.grad
 
@@ -522,7 +535,7 @@ def make_step(leg: str, impl: str, n: int, dtype: str = "float32", *, warmup: in
         run, extra = _numpy_step(impl, data)
         info["mem_method"] = "tracemalloc peak"
     elif framework == "torch":
-        run, extra = _torch_step(impl, data, dtype, device, compiled=mode == "compile")
+        run, extra = _torch_step(impl, data, dtype, device, mode)
         if extra is not None:
             info["mem_method"] = "torch.cuda peak allocated"
     elif framework == "jax":
