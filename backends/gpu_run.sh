@@ -8,14 +8,17 @@
 #      that a missing GPU is a failure and not a skip;
 #   4. runs benchmarks/report.py on the GPU at 2^20 to 2^26 elements: float32 for torch eager,
 #      torch.compile and jax.jit, bfloat16 for torch eager and jax.jit; the "copy" rows give the
-#      device-to-device copy bandwidth, "% copy BW" each step's share of it.
+#      device-to-device copy bandwidth, "% copy BW" each step's share of it;
+#   5. checks the fused eager kernel (set_fused("always"), off on CUDA by default) against the CPU and
+#      times it at 2^26 (benchmarks/torch_targets.py).
 #
 # Every step has its own time limit (install 60 s, env 30 s, conformance 180 s with torch and jax side by
-# side, report 150 s + 70 s), so a hang cannot eat the budget: at most 490 s even if every step hits its
-# limit; give the device call timeout_s=560. The report writes its JSON after every size, so a step cut
-# off at its limit keeps what it measured. Everything lands in $OUT (at most 8 files, no sub-folders):
+# side, report 120 s + 50 s, fused kernel 60 s + 60 s), so a hang cannot eat the budget: at most 560 s
+# even if every step hits its limit; give the device call timeout_s=590. The report writes its JSON after
+# every size, so a step cut off at its limit keeps what it measured. Everything lands in $OUT (9 files, no
+# sub-folders):
 #   run.log  env.txt  conformance_torch_cuda.log  conformance_jax_cuda.log
-#   report_float32.json  report_bfloat16.json  report.md
+#   report_float32.json  report_bfloat16.json  report.md  fused_cuda.log  fused_cuda_speed.txt
 # The exit status is 0 only if every step passed.
 #
 # Usage (device tool, carry [".whl"]):   bash backends/gpu_run.sh
@@ -98,12 +101,19 @@ done
 
 # 4. the ratio report on the GPU (the copy rows are the device-to-device copy bandwidth)
 REPORT=(benchmarks/report.py --strict --sizes 20,22,24,26 --repeats 40 --budget 3)
-step report_float32 150 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
+step report_float32 120 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
     --dtypes float32 --json "$OUT/report_float32.json" --markdown "$OUT/report_float32.md"
-step report_bfloat16 70 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu \
+step report_bfloat16 50 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu \
     --dtypes bfloat16 --json "$OUT/report_bfloat16.json" --markdown "$OUT/report_bfloat16.md"
 cat "$OUT"/report_float32.md "$OUT"/report_bfloat16.md >"$OUT/report.md" 2>/dev/null
 rm -f "$OUT"/report_float32.md "$OUT"/report_bfloat16.md
+
+# 5. the fused eager kernel (gipo_core.torch.set_fused("always")) on CUDA: against the CPU, then its speed
+step fused_cuda_tests 60 "$OUT/fused_cuda.log" "$PY" -m pytest tests/test_torch_fused.py -k cuda -q -p no:cacheprovider
+tail -n 3 "$OUT/fused_cuda.log"
+step fused_cuda_speed 60 "$OUT/fused_cuda_speed.txt" "$PY" benchmarks/torch_targets.py --device cuda --large 26 \
+    --fused always --repeat 10
+cat "$OUT/fused_cuda_speed.txt"
 
 echo "=== done in $(($(date +%s) - T_START))s; failed: ${FAILED[*]:-none}"
 [ "${#FAILED[@]}" -eq 0 ]

@@ -12,6 +12,11 @@ machine's noise cancels in the ratios, not in the absolute times.
 
 Targets (issue 4): at 2^22 elements, eager GIPOLoss <= 3x floor and <= 0.3x literal, compiled <= 2x floor;
 at 2^10, eager GIPOLoss <= verl_ppo; on a GPU at 2^26, >= 70% of the copy bandwidth.
+
+"GIPOLoss eager" is the library's default dispatch (on the CPU, inputs of 2^16 elements or more run the fused
+kernel of ``gipo_core.torch.set_fused``; on CUDA the op-by-op path unless ``set_fused("always")``); "op by
+op" forces ``set_fused("never")``; "compiled" is ``torch.compile(GIPOLoss(), fullgraph=True)``. ``--threads``
+sets torch's intra-op threads (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 
 import torch
 
-from gipo_core.torch import GIPOLoss
+from gipo_core.torch import GIPOLoss, fused_settings, set_fused
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +103,13 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=22, help="log2 of the large size")
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--fused", choices=("auto", "always", "never"), default="auto",
+                        help="gipo_core.torch.set_fused mode of the 'GIPOLoss eager' rows (default: auto)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_fused(args.fused)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -115,6 +126,14 @@ def main() -> None:
     for metrics in (False, True):
         module = GIPOLoss(with_metrics=metrics)
         rows[f"GIPOLoss eager, metrics={metrics}"] = timeit(fwd_bwd(module, logp, old, adv, mask), device, **rep)
+    before = fused_settings()
+    set_fused("never")
+    try:
+        for metrics in (False, True):
+            module = GIPOLoss(with_metrics=metrics)
+            rows[f"op by op, metrics={metrics}"] = timeit(fwd_bwd(module, logp, old, adv, mask), device, **rep)
+    finally:
+        set_fused(**before)
     if not args.no_compile:
         for metrics in (False, True):
             compiled = torch.compile(GIPOLoss(with_metrics=metrics), fullgraph=True)
@@ -122,7 +141,10 @@ def main() -> None:
                 fwd_bwd(compiled, logp, old, adv, mask), device, **rep
             )
     floor, literal = rows["floor (5/2 copy)"], rows["literal formula"]
-    print(f"n = 2^{args.large} float32 on {device}, forward + backward, median of {args.repeat}")
+    print(
+        f"n = 2^{args.large} float32 on {device}, {torch.get_num_threads()} threads, forward + backward, "
+        f"median of {args.repeat}"
+    )
     print(f"{'case':36s} {'ms':>9s} {'x floor':>8s} {'x literal':>9s}")
     for name, t in rows.items():
         print(f"{name:36s} {1e3 * t:9.3f} {t / floor:8.2f} {t / literal:9.2f}")

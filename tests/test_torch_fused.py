@@ -257,3 +257,20 @@ def test_set_fused_docstring_example_runs():
     for test in doctest.DocTestFinder().find(gt.set_fused, "set_fused", globs={}):
         runner.run(test)
     assert runner.tries > 0 and runner.failures == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mask", ["float", "bool"])
+def test_fused_kernel_on_cuda_matches_cpu(mask):
+    """The kernel is off on CUDA by default (``'auto'``) until this has passed on a GPU: ``'always'`` here."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    logp, old, adv, m = make_batch((16, 300), seed=12, mask=mask)
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never")
+    cuda = [x.cuda() for x in (logp, old, adv, m)]
+    out, grad = run(gt.gipo_loss, *cuda, mode="always")
+    assert out.loss.device.type == "cuda" and grad.device.type == "cuda"
+    assert _kernel_built("gipo_loss", agg="token-mean", with_metrics=True, sigma=1.0)
+    torch.testing.assert_close(out.loss.cpu(), ref.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+    for key in ref.metrics:
+        torch.testing.assert_close(out.metrics[key].cpu(), ref.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
