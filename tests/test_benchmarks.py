@@ -171,3 +171,23 @@ def test_report_writes_ratios(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     table = capsys.readouterr().out
     assert "| numpy:cpu | 2^10 | float32 | gipo | " in table
     assert (tmp_path / "r.md").read_text().strip() == table.strip()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "framework"),
+    [
+        ("torch_targets.py", ["--large", "11", "--repeat", "1", "--no-compile"], "torch"),
+        ("jax_targets.py", ["--help"], "jax"),
+        ("tf_targets.py", ["--help"], "tensorflow"),
+    ],
+)
+def test_target_scripts_run(script: str, args: list, framework: str) -> None:
+    """The per-backend target scripts quoted in the closing notes still run (tiny sizes, or --help)."""
+    import subprocess
+
+    pytest.importorskip(framework)
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
