@@ -139,6 +139,21 @@ def test_behavior_weights_tensor_denominator_and_a_second_shape_reuse_the_kernel
     torch.testing.assert_close(grad2, ref_grad2)
 
 
+def test_non_contiguous_and_one_dimensional_inputs():
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch((40, 6), seed=13)
+    views = [x.t() for x in (logp, old, adv, m)]  # (6, 40), strides (1, 6)
+    flat = [x.reshape(-1) for x in (logp, old, adv, m)]
+    for arrays in (views, flat):
+        ref, ref_grad = run(gt.gipo_loss, *arrays, mode="never", sigma=sigma)
+        out, grad = run(gt.gipo_loss, *arrays, mode="always", sigma=sigma)
+        torch.testing.assert_close(out.loss, ref.loss)
+        torch.testing.assert_close(grad, ref_grad)
+        for key in ref.metrics:
+            torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert _kernel_built("gipo_loss", sigma=sigma)
+
+
 def test_auto_fuses_large_cpu_inputs_only():
     sigma = _fresh_sigma()
     gt.set_fused("auto", min_numel=200)
