@@ -2,8 +2,10 @@
 
 Eager PyTorch runs the core one array op at a time: about a dozen passes over memory and as many fresh
 input-sized tensors, which is what the literal formula costs too. Compiling the same core function (no
-second copy of the math) gives one fused loop that reads the inputs once, writes ``saved`` and accumulates
-the loss and the diagnostics on the way.
+second copy of the math) gives one kernel of a few fused loops: with a mask, one loop counts it; one loop
+reads the inputs, writes ``saved`` and sums the loss, most diagnostics riding along; the rest of the
+diagnostics add two more (inductor's split of the extrema, and the effective sample size, which needs the
+largest multiplier first).
 
 When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
 
@@ -13,13 +15,14 @@ When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
   inputs).
 - ``"never"``: the plain path only.
 
-Never inside ``torch.compile`` (the caller's graph already fuses the core), under ``torch.func`` transforms,
-under a ``TorchDispatchMode`` (fake tensors, tracing, FLOP counting) or for tensor subclasses: those run the
-plain path. The first call for a new option set compiles (seconds); if compiling fails (no C++ compiler, an
-unsupported platform) a ``RuntimeWarning`` says so once and that option set keeps the plain path.
+Never inside ``torch.compile`` or ``torch.export`` (the caller's graph already fuses the core), under
+``torch.func.vmap``, under a ``TorchDispatchMode`` (fake tensors, tracing, FLOP counting), under
+``torch.jit.trace`` or for tensor subclasses: those run the plain path. ``torch.func.grad`` runs an
+autograd.Function's forward on plain tensors, so the kernel is used there. The first call for a new option
+set compiles (seconds); if compiling fails (no C++ compiler, an unsupported platform) a ``RuntimeWarning``
+says so once and that option set keeps the plain path.
 
-Results equal the plain path's to within rounding: the compiled loop sums in a different order and may
-contract multiply-adds.
+Results equal the plain path's to within rounding: the compiled loops sum in another order.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def _eligible(logp: torch.Tensor) -> bool:
         type(logp) is not torch.Tensor
         or torch._C._are_functorch_transforms_active()
         or _get_current_dispatch_mode() is not None
+        or torch.jit.is_tracing()
     ):
         return False
     return mode == "always" or (logp.device.type == "cpu" and logp.numel() >= _settings["min_numel"])

@@ -175,7 +175,7 @@ def test_func_grad_runs_the_kernel_on_plain_tensors():
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_never_fuses_under_vmap_torch_compile_or_dispatch_modes():
+def test_never_fuses_under_vmap_torch_compile_dispatch_modes_or_jit_trace():
     logp, old, adv, m = make_batch(seed=7)
 
     sigma = _fresh_sigma()
@@ -207,6 +207,22 @@ def test_never_fuses_under_vmap_torch_compile_or_dispatch_modes():
         out = gt.gipo_loss(logp, old, adv, m, sigma=sigma, with_metrics=False)
     assert torch.isfinite(out.loss)
     assert not _kernel_built("gipo_loss", sigma=sigma)
+
+    # torch.jit.trace refuses dynamo-compiled code: the kernel must not be tried there (trying it would warn
+    # and give up the kernel for this option set).
+    sigma = _fresh_sigma()
+    gt.set_fused("never")
+    expected = gt.gipo_loss(logp, old, adv, m, sigma=sigma, with_metrics=False).loss
+    gt.set_fused("always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(
+            lambda *x: gt.gipo_loss(*x, sigma=sigma, with_metrics=False).loss, (logp, old, adv, m), check_trace=False
+        )
+    assert not [w for w in caught if "fused loss kernel" in str(w.message)]
+    torch.testing.assert_close(traced(logp, old, adv, m), expected)
+    gt.gipo_loss(logp, old, adv, m, sigma=sigma, with_metrics=False)
+    assert _kernel_built("gipo_loss", sigma=sigma)
 
 
 def test_fused_path_refuses_double_backward():
