@@ -40,9 +40,13 @@ __all__ = ["core_forward", "set_fused", "fused_settings"]
 
 MODES = ("auto", "always", "never")
 
+#: At most this many option sets get a kernel (each costs a compile of seconds); later ones run op by op.
+MAX_KERNELS = 16
+
 _settings: dict[str, Any] = {"mode": "auto", "min_numel": 1 << 16}
-# LossSpec -> compiled kernel, or None once compiling it failed.
+# LossSpec -> compiled kernel, or None once compiling it failed (failures count towards MAX_KERNELS).
 _kernels: dict[LossSpec, Callable[..., Any] | None] = {}
+_warned_full = False
 
 
 def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
@@ -53,7 +57,8 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     mode : {'auto', 'always', 'never'}, default 'auto'
         ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size.
         ``'never'``: the core one torch op at a time. In every mode the kernel is skipped inside a caller's
-        ``torch.compile``, under ``torch.func.vmap``, under a ``TorchDispatchMode`` and for tensor subclasses.
+        ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or ``torch.jit.trace``, and for
+        tensor subclasses.
     min_numel : int, default 65536
         The smallest ``logp.numel()`` that ``'auto'`` compiles for (below it Python overhead dominates).
 
@@ -67,7 +72,9 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     The kernel is the same core function, compiled once per option set (``LossSpec``) with dynamic shapes;
     the first call compiles (seconds). It agrees with the op-by-op path to within rounding (another
     summation order). If compiling fails, a ``RuntimeWarning`` says so once and that option set keeps the
-    op-by-op path.
+    op-by-op path. At most ``MAX_KERNELS`` (16) option sets get a kernel: an option that changes every step
+    (a sigma schedule) would otherwise compile every step; later option sets run op by op, with one
+    ``RuntimeWarning``.
 
     Examples
     --------
@@ -127,6 +134,9 @@ def core_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any
         return _plain(arrays, spec)
     kernel = _kernels.get(spec, False)
     if kernel is False:
+        if len(_kernels) >= MAX_KERNELS:
+            _warn_full()
+            return _plain(arrays, spec)
         kernel = _kernels[spec] = _compile(spec)
     if kernel is None:
         return _plain(arrays, spec)
@@ -139,11 +149,29 @@ def core_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any
     try:
         return kernel(*arrays)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: keep the plain path for this option set
-        _kernels[spec] = None
+        failure = exc
+    # Outside the handler: if the inputs themselves are at fault, the plain path raises their error, alone,
+    # and the kernel is kept.
+    result = _plain(arrays, spec)
+    _kernels[spec] = None
+    reason = (str(failure).strip().splitlines() or [""])[0][:300]
+    warnings.warn(
+        f"gipo_core.torch: compiling the fused loss kernel failed ({type(failure).__name__}: {reason}); "
+        "this option set runs op by op from now on (gipo_core.torch.set_fused('never') silences this)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return result
+
+
+def _warn_full() -> None:
+    global _warned_full
+    if not _warned_full:
+        _warned_full = True
         warnings.warn(
-            f"gipo_core.torch: compiling the fused loss kernel failed ({type(exc).__name__}: {exc}); "
-            "this option set runs op by op from now on (gipo_core.torch.set_fused('never') silences this)",
+            f"gipo_core.torch: {MAX_KERNELS} option sets already have a fused kernel (each costs a compile); "
+            "new option sets run op by op. Changing an option every step (a sigma schedule) would compile "
+            "each value: use gipo_core.torch.set_fused('never') for that, or a few fixed values",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
-        return _plain(arrays, spec)

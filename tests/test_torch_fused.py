@@ -305,3 +305,46 @@ def test_fused_kernel_on_cuda_matches_cpu(mask):
     torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-5, atol=1e-7)
     for key in ref.metrics:
         torch.testing.assert_close(out.metrics[key].cpu(), ref.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_at_most_max_kernels_option_sets_are_compiled(monkeypatch):
+    """A sigma that changes every step must not compile every step: past the cap, op by op, one warning."""
+    monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 1)
+    monkeypatch.setattr(_torch_fused, "_warned_full", False)
+    gt.set_fused("always")
+    logp, old, adv, m = make_batch(seed=14)
+    first, second, third = _fresh_sigma(), _fresh_sigma(), _fresh_sigma()
+    gt.gipo_loss(logp, old, adv, m, sigma=first)
+    assert _kernel_built("gipo_loss", sigma=first)
+    with pytest.warns(RuntimeWarning, match="option sets already have a fused kernel"):
+        out, grad = run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=second)
+    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=second)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=third)
+    assert not _kernel_built("gipo_loss", sigma=second) and not _kernel_built("gipo_loss", sigma=third)
+
+
+def test_an_input_error_is_raised_plainly_and_keeps_the_kernel(monkeypatch):
+    """If the kernel fails because of the inputs, the op-by-op path raises the inputs' own error."""
+    calls = []
+
+    def failing(spec):
+        def kernel(*arrays):
+            calls.append(1)
+            raise RuntimeError("kernel error")
+
+        return kernel
+
+    monkeypatch.setattr(_torch_fused, "_compile", failing)
+    monkeypatch.setattr(_torch_fused, "_plain", lambda arrays, spec: (_ for _ in ()).throw(ValueError("bad input")))
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch(seed=15)
+    gt.set_fused("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compiling failed" warning: the kernel was not at fault
+        with pytest.raises(ValueError, match="bad input"):
+            gt.gipo_loss(logp, old, adv, m, sigma=sigma)
+    assert calls and any(spec.opts.get("sigma") == sigma and k is not None for spec, k in _torch_fused._kernels.items())
