@@ -255,15 +255,21 @@ def test_a_compiler_failure_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(_torch_fused, "_compile", broken)
     sigma = _fresh_sigma()
-    logp, old, adv, m = make_batch(seed=10)
-    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=sigma)
-    with pytest.warns(RuntimeWarning, match=r"compiling the fused loss kernel failed \(RuntimeError: no C\+\+"):
-        out, grad = run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=sigma)
+    pattern = r"compiling the fused loss kernel failed \(RuntimeError: no C\+\+"
+    _runs_op_by_op_after_one_warning(pattern, make_batch(seed=10), sigma, then=sigma)
+
+
+def _runs_op_by_op_after_one_warning(pattern: str, batch: tuple, sigma: float, *, then: float) -> None:
+    """The call with ``sigma`` warns (``pattern``) and equals the op-by-op path exactly; one with ``then``
+    does not warn again."""
+    with pytest.warns(RuntimeWarning, match=pattern):
+        out, grad = run(gt.gipo_loss, *batch, mode="always", sigma=sigma)
+    ref, ref_grad = run(gt.gipo_loss, *batch, mode="never", sigma=sigma)
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=sigma)
+        run(gt.gipo_loss, *batch, mode="always", sigma=then)
 
 
 @pytest.mark.parametrize(
@@ -312,18 +318,11 @@ def test_at_most_max_kernels_option_sets_are_compiled(monkeypatch):
     monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 1)
     monkeypatch.setattr(_torch_fused, "_warned_full", False)
     gt.set_fused("always")
-    logp, old, adv, m = make_batch(seed=14)
+    batch = make_batch(seed=14)
     first, second, third = _fresh_sigma(), _fresh_sigma(), _fresh_sigma()
-    gt.gipo_loss(logp, old, adv, m, sigma=first)
+    gt.gipo_loss(*batch, sigma=first)
     assert _kernel_built("gipo_loss", sigma=first)
-    with pytest.warns(RuntimeWarning, match="option sets already have a fused kernel"):
-        out, grad = run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=second)
-    ref, ref_grad = run(gt.gipo_loss, logp, old, adv, m, mode="never", sigma=second)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
-    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        run(gt.gipo_loss, logp, old, adv, m, mode="always", sigma=third)
+    _runs_op_by_op_after_one_warning("option sets already have a fused kernel", batch, second, then=third)
     assert not _kernel_built("gipo_loss", sigma=second) and not _kernel_built("gipo_loss", sigma=third)
 
 
