@@ -15,6 +15,8 @@ When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
   inputs).
 - ``"never"``: the plain path only.
 
+The starting mode comes from the environment variable ``GIPO_TORCH_FUSED`` (``auto`` if unset).
+
 Never inside ``torch.compile`` or ``torch.export`` (the caller's graph already fuses the core), under
 ``torch.func.vmap``, under a ``TorchDispatchMode`` (fake tensors, tracing, FLOP counting), under
 ``torch.jit.trace`` or for tensor subclasses: those run the plain path. ``torch.func.grad`` runs an
@@ -27,6 +29,7 @@ Results equal the plain path's to within rounding: the compiled loops sum in ano
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Callable
 
@@ -43,7 +46,20 @@ MODES = ("auto", "always", "never")
 #: At most this many option sets get a kernel (each costs a compile of seconds); later ones run op by op.
 MAX_KERNELS = 16
 
-_settings: dict[str, Any] = {"mode": "auto", "min_numel": 1 << 16}
+#: The environment variable that sets the starting mode (read once, at import).
+ENV_VAR = "GIPO_TORCH_FUSED"
+
+
+def _mode_from_env() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(
+            f"gipo_core.torch: the environment variable {ENV_VAR} must be one of {', '.join(MODES)}; got {mode!r}"
+        )
+    return mode
+
+
+_settings: dict[str, Any] = {"mode": _mode_from_env(), "min_numel": 1 << 16}
 # LossSpec -> compiled kernel, or None once compiling it failed (failures count towards MAX_KERNELS).
 _kernels: dict[LossSpec, Callable[..., Any] | None] = {}
 _warned_full = False
@@ -55,6 +71,7 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     Parameters
     ----------
     mode : {'auto', 'always', 'never'}, default 'auto'
+        (The mode at import is ``$GIPO_TORCH_FUSED``, else ``'auto'``.)
         ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size.
         ``'never'``: the core one torch op at a time. In every mode the kernel is skipped inside a caller's
         ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or ``torch.jit.trace``, and for

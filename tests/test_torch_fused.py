@@ -347,3 +347,15 @@ def test_an_input_error_is_raised_plainly_and_keeps_the_kernel(monkeypatch):
         with pytest.raises(ValueError, match="bad input"):
             gt.gipo_loss(logp, old, adv, m, sigma=sigma)
     assert calls and any(spec.opts.get("sigma") == sigma and k is not None for spec, k in _torch_fused._kernels.items())
+
+
+@pytest.mark.parametrize(("value", "expected"), [("never", "never"), (" Always ", "always"), ("", "auto")])
+def test_the_starting_mode_comes_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("GIPO_TORCH_FUSED", value)
+    assert _torch_fused._mode_from_env() == expected
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("GIPO_TORCH_FUSED", "fast")
+    with pytest.raises(ValueError, match=r"GIPO_TORCH_FUSED must be one of auto, always, never; got 'fast'"):
+        _torch_fused._mode_from_env()
