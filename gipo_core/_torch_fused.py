@@ -81,8 +81,10 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
 
     Raises
     ------
+    TypeError
+        ``min_numel`` is not an int; the settings stay as they were.
     ValueError
-        An unknown ``mode`` or a ``min_numel`` that is not an int >= 0; the settings stay as they were.
+        An unknown ``mode`` or a negative ``min_numel``; the settings stay as they were.
 
     Notes
     -----
@@ -103,7 +105,9 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     """
     if mode not in MODES:
         raise ValueError(f"`set_fused`: `mode` must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int):
+        raise TypeError(f"`set_fused`: `min_numel` must be an int >= 0; got {type(min_numel).__name__} {min_numel!r}")
+    if min_numel < 0:
         raise ValueError(f"`set_fused`: `min_numel` must be an int >= 0; got {min_numel!r}")
     _settings["mode"] = mode
     _settings["min_numel"] = min_numel

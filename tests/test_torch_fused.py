@@ -273,16 +273,16 @@ def _runs_op_by_op_after_one_warning(pattern: str, batch: tuple, sigma: float, *
 
 
 @pytest.mark.parametrize(
-    ("args", "kwargs", "pattern"),
+    ("args", "kwargs", "exc", "pattern"),
     [
-        (("fast",), {}, r"`set_fused`: `mode` must be one of 'auto', 'always', 'never'; got 'fast'"),
-        (("auto",), {"min_numel": -1}, r"`set_fused`: `min_numel` must be an int >= 0; got -1"),
-        (("auto",), {"min_numel": 2.5}, r"`set_fused`: `min_numel` must be an int >= 0; got 2.5"),
+        (("fast",), {}, ValueError, r"`set_fused`: `mode` must be one of 'auto', 'always', 'never'; got 'fast'"),
+        (("auto",), {"min_numel": -1}, ValueError, r"`set_fused`: `min_numel` must be an int >= 0; got -1"),
+        (("auto",), {"min_numel": 2.5}, TypeError, r"`set_fused`: `min_numel` must be an int >= 0; got float 2.5"),
     ],
 )
-def test_set_fused_rejects_bad_arguments_and_keeps_the_settings(args, kwargs, pattern):
+def test_set_fused_rejects_bad_arguments_and_keeps_the_settings(args, kwargs, exc, pattern):
     before = gt.fused_settings()
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(exc, match=pattern):
         gt.set_fused(*args, **kwargs)
     assert gt.fused_settings() == before
 
