@@ -366,6 +366,20 @@ def _loss_fn(module: Any, impl: str) -> Callable:
     return loss_fn
 
 
+def _with_fused_kernel_off(fn: Callable[[], Any], gt: Any) -> Callable[[], Any]:
+    """``fn`` run with ``gipo_core.torch.set_fused('never')``, the setting restored after each call."""
+
+    def call() -> Any:
+        before = gt.fused_settings()
+        gt.set_fused("never", min_numel=before["min_numel"])
+        try:
+            return fn()
+        finally:
+            gt.set_fused(**before)
+
+    return call
+
+
 def _torch_step(impl: str, data: dict, dtype: str, device: str, mode: str) -> tuple[Callable, Callable | None]:
     """``mode``: 'eager' (the library's default dispatch: one fused kernel for large CPU inputs), 'opbyop' (the
     core one torch op at a time, ``set_fused('never')``) or 'compile' (``torch.compile`` of the whole step)."""
@@ -404,19 +418,18 @@ def _torch_step(impl: str, data: dict, dtype: str, device: str, mode: str) -> tu
                    torch.where, torch.sum)
         loss_fn = _cached(("torch", impl, compiled), lambda: maybe_compile(_plain_or_library(impl, ops, gt)))
         leaf = lp.clone().requires_grad_(True)
-        dispatch = gt.fused_settings()
+
+        def fwd_bwd() -> Any:
+            loss = loss_fn(leaf, old, adv, mask)
+            loss.backward()
+            return loss
+
         if mode == "opbyop":
-            dispatch["mode"] = "never"
+            fwd_bwd = _with_fused_kernel_off(fwd_bwd, gt)
 
         def run() -> Any:
             leaf.grad = None
-            before = gt.fused_settings()
-            gt.set_fused(**dispatch)
-            try:
-                loss = loss_fn(leaf, old, adv, mask)
-                loss.backward()
-            finally:
-                gt.set_fused(**before)
+            loss = fwd_bwd()
             sync()
             return loss, leaf.grad
 
