@@ -106,7 +106,7 @@ def test_trains_a_tiny_lm_with_gipo(model_dir, tokenizer, dataset, tmp_path):
 
 
 # ------------------------------------------------------------------------- one loss call against TRL's
-def batch(trainer, *, seed=0, empty_row=False, vllm=False, ref=False, num_items_scale=2):
+def batch(trainer, *, seed=0, empty_row=False, vllm=None, ref=False, num_items_scale=2):
     """Identical inputs for both trainers: off-policy old log-probs so that clipping is active."""
     g = torch.Generator().manual_seed(seed)
     b, p, t = 4, 3, 5
@@ -141,9 +141,15 @@ def batch(trainer, *, seed=0, empty_row=False, vllm=False, ref=False, num_items_
         sampling = old + (torch.rand(b, t, generator=g) - 0.5) * 1.5
         sampling[0, 1] = math.nan  # a token the engine could not score: no correction there
         inputs["sampling_per_token_logps"] = sampling
-        diff = torch.nan_to_num((old - sampling) * completion_mask, nan=0.0)  # TRL's token_truncate ratio
+        # TRL's importance_sampling_ratio, as its vLLM path computes it for the two modes tested
+        diff = torch.nan_to_num((old - sampling) * completion_mask, nan=0.0)
         cap = trainer.vllm_importance_sampling_clip_max
-        inputs["importance_sampling_ratio"] = torch.clamp(torch.exp(diff), max=cap)
+        if vllm == "token_truncate":
+            inputs["importance_sampling_ratio"] = torch.clamp(torch.exp(diff), max=cap)
+        else:  # sequence_mask
+            ratio = torch.exp(diff.sum(-1, keepdim=True))
+            inputs["importance_sampling_ratio"] = ratio.masked_fill(ratio > cap, 0.0)
+            assert 0 < int((ratio > cap).sum()) < b  # the mask drops some sequences, not all
     return inputs
 
 
@@ -173,7 +179,18 @@ CASES = {
     ),
     "dapo-entropy": (dict(loss_type="dapo", entropy_coef=0.01, top_entropy_quantile=0.5), {}, PPO, {}),
     "dapo-opsm": (dict(loss_type="dapo", off_policy_mask_threshold=0.05), {}, PPO, {}),
-    "dapo-vllm-is": (dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate"), {}, PPO, dict(vllm=True)),
+    "dapo-vllm-token-truncate": (
+        dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate"),
+        {},
+        PPO,
+        dict(vllm="token_truncate"),
+    ),
+    "grpo-vllm-sequence-mask": (
+        dict(loss_type="grpo", vllm_importance_sampling_mode="sequence_mask"),
+        {},
+        PPO,
+        dict(vllm="sequence_mask"),
+    ),
     "sapo": (dict(loss_type="sapo"), dict(loss_type="grpo"), "sapo", {}),
     "cispo": (
         dict(loss_type="cispo", epsilon_high=1.1),
@@ -219,7 +236,7 @@ def test_loss_and_gradients_equal_trls_own(case, model_dir, tokenizer, dataset, 
     for trainer in (reference, ours):
         trainer.model.train(not evaluation)
         trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-        trainer.use_vllm = options.get("vllm", False)  # the inputs carry what TRL's vLLM path would produce
+        trainer.use_vllm = "vllm" in options  # the inputs carry what TRL's vLLM path would produce
     inputs = batch(reference, **options)
 
     want, want_grads = loss_and_grads(reference, inputs, method=GRPOTrainer._compute_loss)
