@@ -257,6 +257,29 @@ def test_loss_and_gradients_equal_trls_own(case, model_dir, tokenizer, dataset, 
     assert mine["gipo/n_valid"] == [float(inputs["completion_mask"].sum())]
 
 
+def test_first_step_on_a_generated_batch_equals_trls_dapo(model_dir, tokenizer, dataset, tmp_path):
+    """The first training step's batch as TRL generates and scores it (TRL's own dtypes and shapes): PPO-clip
+    through the plug-in gives TRL's dapo loss and gradients on it."""
+    config = dict(loss_type="dapo", num_iterations=2, gradient_accumulation_steps=2)
+    reference = make(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path / "trl", **config)
+    ppo = dict(objective="ppo_clip")
+    ours = make(GIPOTrainer, model_dir, tokenizer, dataset, tmp_path / "ours", gipo=ppo, **config)
+    for trainer in (reference, ours):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2
+    torch.manual_seed(0)
+    inputs = reference._prepare_inputs(next(iter(reference.get_train_dataloader())))
+    assert "old_per_token_logps" in inputs and inputs["completion_mask"].sum() > 0
+    assert inputs["advantages"].abs().sum() > 0  # the rewards differ within a group: a non-trivial step
+    want, want_grads = loss_and_grads(reference, inputs, method=GRPOTrainer._compute_loss)
+    got, got_grads = loss_and_grads(ours, inputs, method=GIPOTrainer._compute_loss)
+    torch.testing.assert_close(got, want)
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=lambda m: f"{name}: {m}")
+    assert any(float(g.abs().max()) > 0 for g in want_grads.values())
+
+
 # ----------------------------------------------------------------- every objective and its options
 @pytest.mark.parametrize(
     "gipo",
