@@ -160,6 +160,18 @@ def loss_and_grads(trainer, inputs, *, method):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_gradients(reference, ours, inputs):
+    """TRL's own ``_compute_loss`` and the plug-in's on the same inputs: equal losses and parameter gradients
+    (float32 tolerance), and a gradient that is not zero."""
+    want, want_grads = loss_and_grads(reference, inputs, method=GRPOTrainer._compute_loss)
+    got, got_grads = loss_and_grads(ours, inputs, method=GIPOTrainer._compute_loss)
+    torch.testing.assert_close(got, want)
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=lambda m: f"{name}: {m}")
+    assert any(float(g.abs().max()) > 0 for g in want_grads.values())
+
+
 # (TRL's config, the plug-in's config where it differs, its `gipo` (an objective name or a dict), batch options)
 PPO = "ppo_clip"
 CASES = {
@@ -239,13 +251,7 @@ def test_loss_and_gradients_equal_trls_own(case, model_dir, tokenizer, dataset, 
         trainer.use_vllm = "vllm" in options  # the inputs carry what TRL's vLLM path would produce
     inputs = batch(reference, **options)
 
-    want, want_grads = loss_and_grads(reference, inputs, method=GRPOTrainer._compute_loss)
-    got, got_grads = loss_and_grads(ours, inputs, method=GIPOTrainer._compute_loss)
-    torch.testing.assert_close(got, want)
-    assert got_grads.keys() == want_grads.keys() and want_grads
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], msg=lambda m: f"{name}: {m}")
-    assert any(float(g.abs().max()) > 0 for g in want_grads.values())
+    assert_same_loss_and_gradients(reference, ours, inputs)
 
     mode = "eval" if evaluation else "train"
     theirs, mine = reference._metrics[mode], ours._metrics[mode]
@@ -271,13 +277,7 @@ def test_first_step_on_a_generated_batch_equals_trls_dapo(model_dir, tokenizer, 
     inputs = reference._prepare_inputs(next(iter(reference.get_train_dataloader())))
     assert "old_per_token_logps" in inputs and inputs["completion_mask"].sum() > 0
     assert inputs["advantages"].abs().sum() > 0  # the rewards differ within a group: a non-trivial step
-    want, want_grads = loss_and_grads(reference, inputs, method=GRPOTrainer._compute_loss)
-    got, got_grads = loss_and_grads(ours, inputs, method=GIPOTrainer._compute_loss)
-    torch.testing.assert_close(got, want)
-    assert got_grads.keys() == want_grads.keys() and want_grads
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], msg=lambda m: f"{name}: {m}")
-    assert any(float(g.abs().max()) > 0 for g in want_grads.values())
+    assert_same_loss_and_gradients(reference, ours, inputs)
 
 
 # ----------------------------------------------------------------- every objective and its options
