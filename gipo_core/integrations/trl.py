@@ -89,9 +89,6 @@ _FILLED_BY_TRL = {
     "rollout_logp": "TRL's sampling_per_token_logps (vLLM generation)",
 }
 
-#: Off-policy options a gipo-core version may accept; passed through from ``gipo`` when it does.
-_OFF_POLICY_OPTIONS = ("rollout_is", "rollout_is_bounds", "opsm_delta")
-
 #: TRL metrics of its own policy term; TRL computes them with the advantages set to zero, so they are dropped.
 _TRL_POLICY_METRICS = ("clip_ratio/", "cispo_clip_ratio", "vespo/")
 
@@ -137,7 +134,8 @@ class GIPOTrainer(GRPOTrainer):
         An unknown objective; a key that TRL's config controls (``agg``, ``denominator``, ...); a ``loss_type``
         that names an objective (``sapo``, ``cispo``, ``vespo``); ``GRPOConfig.delta`` set (TRL's two-sided
         clip of its own loss, with no gipo-core counterpart); ``opsm_delta`` together with
-        ``off_policy_mask_threshold``; an option gipo-core rejects.
+        ``off_policy_mask_threshold``; ``rollout_is`` or ``rollout_is_bounds`` without vLLM importance
+        sampling; an option gipo-core rejects.
     NotImplementedError
         ``importance_sampling_level="sequence"`` with a gipo-core that has no ``ratio_level``.
 
