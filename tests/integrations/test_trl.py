@@ -360,3 +360,11 @@ def test_extreme_log_ratios_stay_finite(model_dir, tokenizer, dataset, tmp_path)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert trainer._metrics["train"]["gipo/log_ratio_abs_max"][-1] > 99
+
+
+def test_rollout_options_need_vllm_importance_sampling(model_dir, tokenizer, dataset, tmp_path):
+    """Without vLLM, TRL has no sampling log-probs: a rollout correction in `gipo` is refused, not ignored."""
+    has_rollout = "rollout_is" in inspect.signature(gt.gipo_loss).parameters
+    error, match = (ValueError, "needs `GRPOConfig\\(use_vllm=True") if has_rollout else (TypeError, "'rollout_is'")
+    with pytest.raises(error, match=match):
+        make(GIPOTrainer, model_dir, tokenizer, dataset, tmp_path, gipo=dict(rollout_is="token-truncate"))
