@@ -45,7 +45,7 @@ try:
     import torch
     from verl.trainer.ppo import core_algos as _core_algos
     from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+except ImportError as exc:  # tested with verl hidden from the import system
     raise ImportError(
         "gipo_core.integrations.verl needs verl and torch; install them with "
         "`pip install 'gipo-core[verl]'` (verl pins tensordict<=0.10: use an environment of its own). "
@@ -99,7 +99,8 @@ def _loss_function(objective: str) -> Callable:
 def _option_names(objective: str) -> tuple[str, ...]:
     """The keyword options of a gipo-core loss that a verl config may set, read from its signature."""
     params = inspect.signature(_loss_function(objective)).parameters.values()
-    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _FILLED)
+    skip = _FILLED | _NEEDS_ROLLOUT_LOGP
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip)
 
 
 def _all_option_names() -> frozenset[str]:
@@ -185,13 +186,9 @@ def _plain(value: Any) -> Any:
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
-    """``config.key`` for verl's dataclass configs, DictConfigs and plain dicts alike."""
-    if isinstance(config, Mapping) or hasattr(config, "get"):
-        try:
-            return config.get(key, default)
-        except Exception:  # a dataclass whose ``get`` is not dict-like
-            pass
-    return getattr(config, key, default)
+    """``config.key`` for verl's dataclass configs (``BaseConfig.get``), DictConfigs and plain dicts alike."""
+    getter = getattr(config, "get", None)
+    return getter(key, default) if callable(getter) else getattr(config, key, default)
 
 
 def _user_options(policy_loss: Any) -> dict[str, Any]:

@@ -17,9 +17,12 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensordict import TensorDict
 from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import ActorConfig
+from verl.workers.utils.losses import ppo_loss
 
 import gipo_core
 import gipo_core.torch as gt
@@ -213,6 +216,49 @@ def test_ppo_clip_equals_verls_vanilla(mode, dp, with_weights):
             assert our_metrics[key] == pytest.approx(their_metrics[key], rel=1e-6, abs=1e-7), key
         dual_clipped.append(their_metrics["actor/pg_clipfrac_lower"])
     assert dual_clipped[0] > 0  # the dual clip acted (row 0 has rho > c with A < 0)
+
+
+def through_verls_ppo_loss(loss_mode, log_prob, old_log_prob, advantages, mask, weights, mode, batch_info):
+    """verl's actor loss (``verl.workers.utils.losses.ppo_loss``) on a micro-batch as its engine hands it over:
+    the model's log-probs flat over prompt + response tokens, global counts as non-tensor data."""
+    rows, time = mask.shape
+    prompt = 2
+    lp = log_prob.detach().clone().requires_grad_()
+    # verl reads the log-prob of response token t at flat position prompt - 1 + t of its sequence
+    before, after = torch.zeros(prompt - 1, dtype=lp.dtype), torch.zeros(1, dtype=lp.dtype)
+    flat = torch.cat([torch.cat([before, lp[i, : int(n)], after]) for i, n in enumerate(mask.sum(-1))])
+    data = TensorDict(
+        {
+            "prompts": torch.ones(rows, prompt, dtype=torch.long),
+            "responses": torch.ones(rows, time, dtype=torch.long),
+            "attention_mask": torch.cat([torch.ones(rows, prompt, dtype=torch.long), mask.long()], -1),
+            "response_mask": mask.long(),
+            "old_log_probs": old_log_prob,
+            "advantages": advantages,
+            "rollout_is_weights": weights,
+        },
+        batch_size=[rows],
+    )
+    tensordict_utils.assign_non_tensor(data, **batch_info)
+    config = actor_config(loss_mode, loss_agg_mode=mode, clip_ratio_high=0.28)
+    loss, metrics = ppo_loss(config, {"log_probs": flat}, data)
+    loss.backward()
+    return loss.detach(), lp.grad, {k: v.aggregate() for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("mode", VERL_MODES)
+def test_ppo_clip_equals_vanilla_through_verls_actor_loss(mode):
+    """The call site verl's workers use: the global counts verl puts in the micro-batch reach the loss, and
+    verl's metric bookkeeping takes the plug-in's metrics."""
+    log_prob, old, adv, mask, weights = make_batch(12)
+    info = {"dp_size": 2, "batch_num_tokens": int(mask.sum()) + 5, "global_batch_size": 12}  # rank 0 of 2
+    ours, our_grad, our_metrics = through_verls_ppo_loss("gipo_core_ppo_clip", log_prob, old, adv, mask, weights, mode, info)
+    theirs, their_grad, their_metrics = through_verls_ppo_loss("vanilla", log_prob, old, adv, mask, weights, mode, info)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-12)
+    for key, value in their_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert "actor/gipo_core/weight_mean" in our_metrics
 
 
 def test_sapo_equals_verls_sapo():
