@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -305,8 +306,11 @@ def verl_denominator(
     fn = "gipo_core.integrations.verl"
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"`{fn}`: unknown loss_agg_mode {loss_agg_mode!r}; expected one of {', '.join(AGG_MODES)}")
-    dp = 1 if dp_size is None else dp_size
-    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+    try:
+        dp = 1 if dp_size is None else operator.index(dp_size)
+    except TypeError:
+        dp = 0
+    if isinstance(dp_size, bool) or dp < 1:
         raise ValueError(f"`{fn}`: global_batch_info dp_size must be an int >= 1; got {dp_size!r}")
     agg = AGG_MODES[loss_agg_mode]
     if loss_agg_mode == "token-sum":

@@ -382,3 +382,10 @@ def test_metrics_are_verls_names_and_gipo_cores_as_floats():
     # verl's own bookkeeping takes them as they are
     reduced = Metric.from_dict(metrics, aggregation=AggregationType.MEAN)
     assert reduced["actor/ppo_kl"].aggregate() == pytest.approx(metrics["actor/ppo_kl"])
+
+
+@pytest.mark.parametrize("dp_size", [0, 1.5, True, "2"])
+def test_a_bad_dp_size_is_a_clear_error(dp_size):
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dp_size must be an int >= 1"):
+        gv.verl_denominator("token-mean", mask, dp_size=dp_size, batch_num_tokens=6)
