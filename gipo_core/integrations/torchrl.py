@@ -204,7 +204,7 @@ class GIPOPPOLoss(ClipPPOLoss):
         logp, dist, _ = self._get_cur_log_prob(tensordict)
         # Composite action heads: the joint log-probability, as ClipPPOLoss sums them.
         logp, old_logp = (_sum_td_features(x) if is_tensor_collection(x) else x for x in (logp, old_logp))
-        return logp, old_logp.reshape(logp.shape), dist
+        return logp, old_logp, dist
 
     def _advantages_for(self, advantage: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
         """torchrl's (*batch, 1) advantage in gipo-core's shape: that of ``logp``, or (..., 1) per sequence."""
