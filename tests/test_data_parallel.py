@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import gipo_core
 from gipo_core import AGG_MODES
@@ -77,6 +78,13 @@ def make_batch(lengths, seed=0):
     mask &= rng.random((n, HORIZON)) > 0.15
     mask[np.asarray(lengths) > 0, 0] = True
     return {"obs": obs, "actions": actions, "old_logp": old_logp, "adv": adv, "mask": mask}
+
+
+def full_batch(n):
+    """The full batch of ``n`` rows: the first half long sequences, the second half short ones, one empty."""
+    lengths = [HORIZON - (i % 3) for i in range(n // 2)] + [2 + (i % 4) for i in range(n // 2)]
+    lengths[-2] = 0
+    return make_batch(lengths)
 
 
 def init_params(seed=1):
@@ -266,79 +274,82 @@ def tf_worker(out: Path) -> None:
     np.savez(out / "tf.npz", **results)
 
 
-def full_batch(n):
-    """The full batch of ``n`` rows: the first half long sequences, the second half short ones, one empty."""
-    lengths = [HORIZON - (i % 3) for i in range(n // 2)] + [2 + (i % 4) for i in range(n // 2)]
-    lengths[-2] = 0
-    return make_batch(lengths)
-
-
 WORKERS = {"torch": torch_worker, "jax": jax_worker, "tf": tf_worker}
+
 
 # -------------------------------------------------------------------------------------------------- tests
 
-if __name__ != "__main__":
-    import pytest
 
-    def _launch(engine: str, out: Path, n_procs: int = 1, env: dict | None = None) -> list[np.lib.npyio.NpzFile]:
-        """Run ``n_procs`` workers of ``engine`` at once (rank as last argument) and load what they saved."""
-        repo = str(Path(gipo_core.__file__).resolve().parents[1])
-        env = dict(os.environ, **(env or {}))
-        env["PYTHONPATH"] = os.pathsep.join([repo, str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-        args = [[__file__, engine, str(out)] + ([str(r)] if n_procs > 1 else []) for r in range(n_procs)]
-        run_python(args, env=env, timeout=300)
-        names = [f"{engine}{r}.npz" for r in range(n_procs)] if n_procs > 1 else [f"{engine}.npz"]
-        return [np.load(out / name) for name in names]
+def _launch(engine: str, out: Path, n_procs: int = 1, env: dict | None = None) -> list[np.lib.npyio.NpzFile]:
+    """Run ``n_procs`` workers of ``engine`` at once (rank as last argument) and load what they saved."""
+    repo = str(Path(gipo_core.__file__).resolve().parents[1])
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([repo, str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    args = [[__file__, engine, str(out)] + ([str(r)] if n_procs > 1 else []) for r in range(n_procs)]
+    run_python(args, env=env, timeout=300)
+    names = [f"{engine}{r}.npz" for r in range(n_procs)] if n_procs > 1 else [f"{engine}.npz"]
+    return [np.load(out / name) for name in names]
 
-    @pytest.fixture(scope="module")
-    def torch_results(tmp_path_factory):
-        return _launch("torch", tmp_path_factory.mktemp("ddp"), n_procs=WORLD)
 
-    @pytest.fixture(scope="module")
-    def jax_results(tmp_path_factory):
-        flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={JAX_DEVICES}").strip()
-        return _launch("jax", tmp_path_factory.mktemp("jax"), env={"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})[0]
+@pytest.fixture(scope="module")
+def torch_results(tmp_path_factory):
+    return _launch("torch", tmp_path_factory.mktemp("ddp"), n_procs=WORLD)
 
-    @pytest.fixture(scope="module")
-    def tf_results(tmp_path_factory):
-        return _launch("tf", tmp_path_factory.mktemp("tf"), env={"CUDA_VISIBLE_DEVICES": ""})[0]
 
-    CASE_IDS = [key for key, *_ in cases()]
-    GIPO_CASE_IDS = [key for key, *_ in cases(OBJECTIVES[:1])]
+@pytest.fixture(scope="module")
+def jax_results(tmp_path_factory):
+    flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={JAX_DEVICES}").strip()
+    return _launch("jax", tmp_path_factory.mktemp("jax"), env={"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})[0]
 
-    def assert_exact(results, key, dp="dp"):
-        """The data-parallel loss and gradient equal the full batch's to 1e-6; the local normalisation's not."""
-        full = results[key + "/full"]
-        np.testing.assert_allclose(results[f"{key}/{dp}"], full, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(results[f"{key}/{dp}_loss"], results[key + "/full_loss"], rtol=1e-6, atol=1e-6)
-        naive_error = np.abs(results[key + "/naive"] - full).max()
-        assert naive_error > 1e-3 * np.abs(full).max(), (key, naive_error)
 
-    def test_every_aggregation_mode_has_a_global_denominator():
-        assert set(AGG_MODES) <= set(GLOBAL_DENOMINATOR), sorted(set(AGG_MODES) - set(GLOBAL_DENOMINATOR))
+@pytest.fixture(scope="module")
+def tf_results(tmp_path_factory):
+    return _launch("tf", tmp_path_factory.mktemp("tf"), env={"CUDA_VISIBLE_DEVICES": ""})[0]
 
-    def test_the_ranks_batches_are_uneven():
-        batch = full_batch(WORLD * 4)
-        parts = [shard(batch, r, WORLD, trim=True) for r in range(WORLD)]
-        assert [p["mask"].shape[-1] for p in parts] == [HORIZON, 5]
-        assert [int(p["mask"].sum()) for p in parts][0] > 2 * [int(p["mask"].sum()) for p in parts][1]
-        assert (~parts[1]["mask"].any(-1)).sum() == 1  # one sequence without a valid token
 
-    @pytest.mark.parametrize("key", CASE_IDS)
-    def test_torch_ddp_two_processes_equals_the_full_batch(torch_results, key):
-        rank0, rank1 = torch_results
-        assert_exact(rank0, key)
-        np.testing.assert_array_equal(rank1[key + "/dp"], rank0[key + "/dp"])  # DDP kept the replicas in sync
+CASE_IDS = [key for key, *_ in cases()]
+GIPO_CASE_IDS = [key for key, *_ in cases(OBJECTIVES[:1])]
 
-    @pytest.mark.parametrize("op", ["mean", "sum"])
-    @pytest.mark.parametrize("key", GIPO_CASE_IDS)
-    def test_jax_eight_device_shard_map_equals_the_full_batch(jax_results, key, op):
-        assert_exact(jax_results, key, dp=f"dp_{op}")
 
-    @pytest.mark.parametrize("op", ["mean", "sum"])
-    @pytest.mark.parametrize("key", GIPO_CASE_IDS)
-    def test_tf_mirrored_strategy_equals_the_full_batch(tf_results, key, op):
-        assert_exact(tf_results, key, dp=f"dp_{op}")
+def assert_exact(results, key, dp="dp"):
+    """The data-parallel loss and gradient equal the full batch's to 1e-6; the local normalisation's not."""
+    full = results[key + "/full"]
+    np.testing.assert_allclose(results[f"{key}/{dp}"], full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results[f"{key}/{dp}_loss"], results[key + "/full_loss"], rtol=1e-6, atol=1e-6)
+    naive_error = np.abs(results[key + "/naive"] - full).max()
+    assert naive_error > 1e-3 * np.abs(full).max(), (key, naive_error)
 
-else:
+
+def test_every_aggregation_mode_has_a_global_denominator():
+    assert set(AGG_MODES) <= set(GLOBAL_DENOMINATOR), sorted(set(AGG_MODES) - set(GLOBAL_DENOMINATOR))
+
+
+def test_the_ranks_batches_are_uneven():
+    batch = full_batch(WORLD * 4)
+    parts = [shard(batch, r, WORLD, trim=True) for r in range(WORLD)]
+    assert [p["mask"].shape[-1] for p in parts] == [HORIZON, 5]
+    assert [int(p["mask"].sum()) for p in parts][0] > 2 * [int(p["mask"].sum()) for p in parts][1]
+    assert (~parts[1]["mask"].any(-1)).sum() == 1  # one sequence without a valid token
+
+
+@pytest.mark.parametrize("key", CASE_IDS)
+def test_torch_ddp_two_processes_equals_the_full_batch(torch_results, key):
+    rank0, rank1 = torch_results
+    assert_exact(rank0, key)
+    np.testing.assert_array_equal(rank1[key + "/dp"], rank0[key + "/dp"])  # DDP kept the replicas in sync
+
+
+@pytest.mark.parametrize("op", ["mean", "sum"])
+@pytest.mark.parametrize("key", GIPO_CASE_IDS)
+def test_jax_eight_device_shard_map_equals_the_full_batch(jax_results, key, op):
+    assert_exact(jax_results, key, dp=f"dp_{op}")
+
+
+@pytest.mark.parametrize("op", ["mean", "sum"])
+@pytest.mark.parametrize("key", GIPO_CASE_IDS)
+def test_tf_mirrored_strategy_equals_the_full_batch(tf_results, key, op):
+    assert_exact(tf_results, key, dp=f"dp_{op}")
+
+
+if __name__ == "__main__":
     WORKERS[sys.argv[1]](Path(sys.argv[2]), *map(int, sys.argv[3:]))
