@@ -42,7 +42,6 @@ except ImportError as err:  # pragma: no cover - the message is the point
     ) from err
 
 import gipo_core.torch as _gt
-from gipo_core._api import METRIC_NAMES
 from gipo_core._core.objectives import OBJECTIVES
 
 __all__ = ["GIPOPPOLoss", "OBJECTIVE_NAMES"]
@@ -170,9 +169,11 @@ class GIPOPPOLoss(ClipPPOLoss):
         self.denominator = denominator
         self.with_metrics = with_metrics
         self._loss_fn = getattr(_gt, OBJECTIVES[objective].public_name)
-        # gipo-core checks the options, agg and with_metrics on a one-element call, so a typo fails here.
+        # gipo-core checks the options, agg and with_metrics on a one-element call, so a typo fails here; the
+        # call also tells which diagnostics these options produce.
         zero = torch.zeros(1)
-        self._loss_fn(zero, zero, zero, agg=agg, with_metrics=with_metrics, **self.options)
+        probe = self._loss_fn(zero, zero, zero, agg=agg, with_metrics=with_metrics, **self.options)
+        self._metric_names = tuple(probe.metrics)
 
     @property
     def out_keys(self) -> list:
@@ -182,11 +183,12 @@ class GIPOPPOLoss(ClipPPOLoss):
                 keys.extend(["entropy", "loss_entropy"])
             if self._has_critic:
                 keys.append("loss_critic")
+                if self.log_explained_variance:
+                    keys.append("explained_variance")
             if self.clip_value:
                 keys.append("value_clip_fraction")
-            if self.with_metrics:
-                keys.extend(TORCHRL_METRIC_KEYS)
-                keys.extend(METRIC_NAMES)
+            keys.extend(key for key, name in TORCHRL_METRIC_KEYS.items() if name in self._metric_names)
+            keys.extend(self._metric_names)
             self._out_keys = keys
         return self._out_keys
 

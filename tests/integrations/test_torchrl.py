@@ -231,3 +231,10 @@ def test_importing_the_package_does_not_import_torchrl():
 
     code = "import sys, gipo_core, gipo_core.integrations; print('torchrl' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("with_metrics", [True, False])
+def test_out_keys_are_the_keys_of_the_output(batch, with_metrics):
+    actor, critic, data = batch
+    module = GIPOPPOLoss(actor, critic, objective="sapo", with_metrics=with_metrics)
+    assert set(module.out_keys) == set(module(data).keys())
