@@ -97,8 +97,9 @@ class GIPOPPOLoss(ClipPPOLoss):
     **ppo_kwargs
         Every other keyword of ``ClipPPOLoss`` (``entropy_coeff``, ``critic_coeff``, ``loss_critic_type``,
         ``normalize_advantage``, ``clip_value``, ``separate_losses``, ``functional``, ``reduction``, ...).
-        ``clip_epsilon`` only sets the value-clip threshold of ``clip_value=True``; the policy objective's
-        clip is ``options``' ``clip_low`` / ``clip_high``. ``reduction`` applies to torchrl's entropy and
+        ``clip_epsilon`` only sets the value-clip threshold of ``clip_value=True`` (passed without it, it is an
+        error: it would change nothing); the policy objective's clip is ``options``' ``clip_low`` /
+        ``clip_high``. ``reduction`` applies to torchrl's entropy and
         critic terms; the objective is reduced by ``agg``.
 
     Returns
@@ -113,7 +114,8 @@ class GIPOPPOLoss(ClipPPOLoss):
     ------
     ValueError
         An unknown ``objective``; an option gipo-core rejects; ``reduction='none'`` (the objective is one
-        number); ``delay_actor=True`` or ``max_importance_ratio``.
+        number); ``delay_actor=True`` or ``max_importance_ratio``; ``clip_epsilon`` without
+        ``clip_value=True``.
     TypeError
         A keyword that neither this class nor ``ClipPPOLoss`` knows (torchrl would drop it silently), or an
         unknown option of the objective.
@@ -153,6 +155,11 @@ class GIPOPPOLoss(ClipPPOLoss):
         for key, (default, why) in _UNSUPPORTED.items():
             if ppo_kwargs.get(key, default) != default:
                 raise ValueError(f"`{_NAME}`: `{key}={ppo_kwargs[key]!r}` is not supported: {why}")
+        if "clip_epsilon" in ppo_kwargs and ppo_kwargs.get("clip_value") is not True:
+            raise ValueError(
+                f"`{_NAME}`: `clip_epsilon` only sets the value-clip threshold of `clip_value=True` here; the "
+                "policy objective's clip is `options={'clip_low': ..., 'clip_high': ...}` (objective='ppo_clip')"
+            )
         if ppo_kwargs.get("reduction") == "none":
             raise ValueError(
                 f"`{_NAME}`: `reduction='none'` is not supported: gipo-core reduces the objective by `agg` "

@@ -215,6 +215,9 @@ def test_bad_arguments_are_named(batch):
         GIPOPPOLoss(actor, critic, options=1.0)
     with pytest.raises(ValueError, match="reduction='none'"):
         GIPOPPOLoss(actor, critic, reduction="none")
+    with pytest.raises(ValueError, match="`clip_epsilon` only sets the value-clip threshold"):
+        GIPOPPOLoss(actor, critic, objective="ppo_clip", clip_epsilon=0.1)  # would leave the policy clip at 0.2
+    GIPOPPOLoss(actor, critic, clip_epsilon=0.1, clip_value=True)  # the value clip: allowed
     with pytest.raises(ValueError, match="delay_actor"):
         GIPOPPOLoss(actor, critic, delay_actor=True)
     with pytest.raises(ValueError, match="max_importance_ratio"):
