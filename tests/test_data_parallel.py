@@ -293,7 +293,9 @@ def _launch(engine: str, out: Path, n_procs: int = 1, env: dict | None = None) -
 
 @pytest.fixture(scope="module")
 def torch_results(tmp_path_factory):
-    return _launch("torch", tmp_path_factory.mktemp("ddp"), n_procs=WORLD)
+    # gloo over the loopback interface: the ranks never need the machine's hostname to resolve.
+    env = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo" if sys.platform == "linux" else "lo0")}
+    return _launch("torch", tmp_path_factory.mktemp("ddp"), n_procs=WORLD, env=env)
 
 
 @pytest.fixture(scope="module")
