@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pathlib
 
 import pytest
 import torch
@@ -368,3 +369,14 @@ def test_rollout_options_need_vllm_importance_sampling(model_dir, tokenizer, dat
     error, match = (ValueError, "needs `GRPOConfig\\(use_vllm=True") if has_rollout else (TypeError, "'rollout_is'")
     with pytest.raises(error, match=match):
         make(GIPOTrainer, model_dir, tokenizer, dataset, tmp_path, gipo=dict(rollout_is="token-truncate"))
+
+
+def test_the_readme_example_trains():
+    """The README's TRL example, as written: it trains and logs gipo-core's diagnostics."""
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    section = readme.read_text().split("\n## TRL\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (TRL)", "exec"), namespace)
+    logs = [h for h in namespace["trainer"].state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["gipo/n_valid"] > 0 for h in logs)
