@@ -55,10 +55,13 @@ __all__ = ["DEFAULT_ON_CUDA", "available", "supports", "forward", "interpret_on_
 #: passed ``backends/gpu_run.sh`` on a GPU; ``set_fused("always")`` uses it on CUDA either way.
 DEFAULT_ON_CUDA = False
 
-#: Elements per program and loop step, warps per program, and programs per streaming multiprocessor.
-BLOCK = 1024
-NUM_WARPS = 4
-PROGRAMS_PER_SM = 4
+#: Elements per program and loop step (2 per thread: about 64-80 registers with the diagnostics on an H100,
+#: measured with ptxas from the kernel's PTX), and warps per program.
+BLOCK = 512
+NUM_WARPS = 8
+#: Programs per streaming multiprocessor: None for as many as fit at once (from the compiled kernel's register
+#: count), so that every program of the grid-stride loop runs in one wave.
+PROGRAMS_PER_SM: int | None = None
 
 #: Columns of the per-program partials, in the order the finishing kernel reads them.
 PARTIALS = (
@@ -194,61 +197,27 @@ class _Sym:
         a, b = self.trace.code(self), self.trace.code(other)
         return self.trace.emit(f"{b} {op} {a}" if reflected else f"{a} {op} {b}", dtype)
 
-    def __add__(self, o: Any) -> "_Sym":
-        return self._bin("+", o)
-
-    def __radd__(self, o: Any) -> "_Sym":
-        return self._bin("+", o, reflected=True)
-
-    def __sub__(self, o: Any) -> "_Sym":
-        return self._bin("-", o)
-
-    def __rsub__(self, o: Any) -> "_Sym":
-        return self._bin("-", o, reflected=True)
-
-    def __mul__(self, o: Any) -> "_Sym":
-        return self._bin("*", o)
-
-    def __rmul__(self, o: Any) -> "_Sym":
-        return self._bin("*", o, reflected=True)
-
-    def __truediv__(self, o: Any) -> "_Sym":
-        return self._bin("/", o)
-
-    def __rtruediv__(self, o: Any) -> "_Sym":
-        return self._bin("/", o, reflected=True)
-
     def __neg__(self) -> "_Sym":
         return self.trace.emit(f"-{self.name}", _F32)
-
-    def __lt__(self, o: Any) -> "_Sym":
-        return self._bin("<", o, dtype=_BOOL)
-
-    def __le__(self, o: Any) -> "_Sym":
-        return self._bin("<=", o, dtype=_BOOL)
-
-    def __gt__(self, o: Any) -> "_Sym":
-        return self._bin(">", o, dtype=_BOOL)
-
-    def __ge__(self, o: Any) -> "_Sym":
-        return self._bin(">=", o, dtype=_BOOL)
-
-    def __eq__(self, o: Any) -> "_Sym":  # type: ignore[override]
-        return self._bin("==", o, dtype=_BOOL)
-
-    def __ne__(self, o: Any) -> "_Sym":  # type: ignore[override]
-        return self._bin("!=", o, dtype=_BOOL)
-
-    def __and__(self, o: Any) -> "_Sym":
-        return self._bin("&", o, dtype=_BOOL)
-
-    def __or__(self, o: Any) -> "_Sym":
-        return self._bin("|", o, dtype=_BOOL)
 
     def __invert__(self) -> "_Sym":
         return self.trace.emit(f"~{self.name}", _BOOL)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _operator(op: str, *, reflected: bool = False, dtype: _Dtype = _F32) -> Callable[[_Sym, Any], _Sym]:
+    def method(self: _Sym, other: Any) -> _Sym:
+        return self._bin(op, other, reflected=reflected, dtype=dtype)
+
+    return method
+
+
+for _name, _op in (("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/")):
+    setattr(_Sym, f"__{_name}__", _operator(_op))
+    setattr(_Sym, f"__r{_name}__", _operator(_op, reflected=True))
+for _name, _op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!="), ("and", "&"), ("or", "|")):
+    setattr(_Sym, f"__{_name}__", _operator(_op, dtype=_BOOL))
 
 
 class _Trace:
@@ -358,7 +327,7 @@ def {name}(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
     N, T, n_blocks,
     MASK_KIND: tl.constexpr, ADV_PER_ROW: tl.constexpr, HAS_BW: tl.constexpr, SCALE_KIND: tl.constexpr,
-    WITH_METRICS: tl.constexpr, BLOCK: tl.constexpr,
+    WITH_METRICS: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # MASK_KIND: 0 none, 1 bool, 2 floating. SCALE_KIND: 0 the number scale_value, 1 a 0-d tensor,
     # 2 one value per sequence (row). Accumulators are per lane; summed once at the end.
@@ -389,7 +358,10 @@ def {name}(
     elif SCALE_KIND == 1:
         s = tl.load(scale_ptr).to(tl.float32)
     for blk in range(pid, n_blocks, nprog):
-        offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if OFFSETS_64:
+            offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            offs = blk * BLOCK + tl.arange(0, BLOCK)  # int32: a cheaper division by T below
         inb = offs < N
         lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         ell = lp - tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -673,34 +645,59 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     bw = behavior_weights.contiguous().reshape(-1) if behavior_weights is not None else None
     saved = torch.empty(shape, dtype=torch.float32, device=logp.device)
     n_blocks = -(-n // block)
-    if interpret:
-        programs = min(n_blocks, 3)
-    else:
-        sms = torch.cuda.get_device_properties(logp.device).multi_processor_count
-        programs = min(n_blocks, PROGRAMS_PER_SM * sms)
-    part = torch.empty((programs, _K), dtype=torch.float32, device=logp.device)
-    loss = torch.empty((), dtype=torch.float32, device=logp.device)
-    metrics = torch.empty(len(METRIC_NAMES), dtype=torch.float32, device=logp.device)
     mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     main = _main_kernel(spec.objective, spec.options, spec.with_metrics, interpret)
     finish = _runtime(interpret)["_gipo_finish"]
     dummy = flat[0]
-    launch = dict(num_warps=NUM_WARPS) if not interpret else {}
+    pointers = (
+        flat[0], flat[1], flat[2], flat[3] if mask is not None else dummy, bw if bw is not None else dummy,
+        scale_tensor if scale_tensor is not None else dummy,
+    )  # fmt: skip
+    flags = dict(
+        MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=bw is not None, SCALE_KIND=kind,
+        WITH_METRICS=spec.with_metrics, OFFSETS_64=n + block >= 2**31, BLOCK=block,
+    )  # fmt: skip
+    loss = torch.empty((), dtype=torch.float32, device=logp.device)
+    metrics = torch.empty(len(METRIC_NAMES), dtype=torch.float32, device=logp.device)
     with torch.cuda.device(logp.device) if logp.device.type == "cuda" else contextlib.nullcontext():
-        main[(programs,)](
-            flat[0], flat[1], flat[2],
-            flat[3] if mask is not None else dummy,
-            bw if bw is not None else dummy,
-            scale_tensor if scale_tensor is not None else dummy,
-            scale_value, saved, part, n, n_time, n_blocks,
-            MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=bw is not None, SCALE_KIND=kind,
-            WITH_METRICS=spec.with_metrics, BLOCK=block, **launch,
-        )  # fmt: skip
+        if interpret:
+            programs, launch = min(n_blocks, 3), {}
+        else:
+            launch = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)  # op-by-op rounding: no fused multiply-add
+            args = (*pointers, scale_value, saved, saved, n, n_time, n_blocks)
+            programs = min(n_blocks, _resident_programs(main, args, flags, launch, logp.device))
+        part = torch.empty((programs, _K), dtype=torch.float32, device=logp.device)
+        main[(programs,)](*pointers, scale_value, saved, part, n, n_time, n_blocks, **flags, **launch)
         finish[(1,)](
             part, loss, metrics, programs,
             WITH_METRICS=spec.with_metrics, BLOCK_P=max(16, 1 << (programs - 1).bit_length()),
         )  # fmt: skip
     return loss, saved, metrics if spec.with_metrics else None
+
+
+_resident: dict[tuple, int] = {}
+
+
+def _resident_programs(main: Any, args: tuple, flags: dict, launch: dict, device: torch.device) -> int:
+    """How many programs of ``main`` run at once on the whole GPU (``PROGRAMS_PER_SM`` per multiprocessor, or
+    as many as its registers and threads allow), cached per compiled variant."""
+    props = torch.cuda.get_device_properties(device)
+    if PROGRAMS_PER_SM is not None:
+        return PROGRAMS_PER_SM * props.multi_processor_count
+    key = (main, device, tuple(getattr(a, "dtype", type(a)) for a in args), tuple(flags.items()), NUM_WARPS)
+    if key not in _resident:
+        threads = 32 * NUM_WARPS
+        per_sm = 2
+        try:
+            compiled = main.warmup(*args, grid=(1,), **flags, **launch)
+            compiled._init_handles()
+            regs = max(1, compiled.n_regs)
+            per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // (regs * threads),
+                         props.max_threads_per_multi_processor // threads)  # fmt: skip
+        except Exception:  # noqa: BLE001 - a Triton without these attributes: two per multiprocessor
+            pass
+        _resident[key] = max(1, per_sm) * props.multi_processor_count
+    return _resident[key]
 
 
 def try_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any] | None:
