@@ -15,6 +15,11 @@ When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
   inputs).
 - ``"never"``: the plain path only.
 
+CUDA tensors go first to the hand-written Triton kernel (``gipo_core._triton_kernel``, imported only then)
+when ``triton`` is installed and the mode is ``"always"`` (or ``"auto"`` once
+``_triton_kernel.DEFAULT_ON_CUDA`` is switched on after a GPU check); what it does not cover (float64, the
+off-policy options) goes on to the rules above. ``"never"`` turns both kernels off.
+
 The starting mode comes from the environment variable ``GIPO_TORCH_FUSED`` (``auto`` if unset).
 
 Never inside ``torch.compile`` or ``torch.export`` (the caller's graph already fuses the core), under
@@ -73,8 +78,9 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     ----------
     mode : {'auto', 'always', 'never'}, default 'auto'
         (The mode at import is ``$GIPO_TORCH_FUSED``, else ``'auto'``.)
-        ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size.
-        ``'never'``: the core one torch op at a time. In every mode the kernel is skipped inside a caller's
+        ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size,
+        and on CUDA the hand-written Triton kernel first (when ``triton`` is installed).
+        ``'never'``: the core one torch op at a time, no kernel. In every mode the kernel is skipped inside a caller's
         ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or ``torch.jit.trace``, and for
         tensor subclasses.
     min_numel : int, default 65536

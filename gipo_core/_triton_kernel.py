@@ -227,6 +227,7 @@ class _Trace:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.constants: dict[str, tuple[str, float]] = {}  # repr(value) -> (argument name, value)
         self._seen: dict[str, _Sym] = {}
         self._names = itertools.count()
 
@@ -239,12 +240,12 @@ class _Trace:
         if isinstance(x, bool):
             return repr(x)
         if isinstance(x, (int, float)):
-            x = float(x)
-            if math.isnan(x):
-                return "_NAN"
-            if math.isinf(x):
-                return "_INF" if x > 0 else "(-_INF)"
-            return repr(x) if x >= 0 else f"({x!r})"
+            # A number is a kernel argument, not a literal: the source (and Triton's compiled binary) is the
+            # same for every value of an option, so a sigma schedule does not recompile.
+            key = repr(float(x))
+            if key not in self.constants:
+                self.constants[key] = (f"c{len(self.constants)}", float(x))
+            return self.constants[key][0]
         raise TypeError(f"gipo_core._triton_kernel: cannot trace a {type(x).__name__} ({x!r})")
 
     def emit(self, expr: str, dtype: _Dtype) -> _Sym:
@@ -285,7 +286,7 @@ class _Trace:
         return self._call("_minimum", a, b)
 
     def full_like(self, x: Any, value: float) -> _Sym:
-        return self.emit(f"tl.full([BLOCK], {self.code(value)}, tl.float32)", _F32)
+        return self.emit(f"tl.full([BLOCK], 0.0, tl.float32) + {self.code(value)}", _F32)
 
     def ones_like(self, x: Any) -> _Sym:
         return self.full_like(x, 1.0)
@@ -301,9 +302,12 @@ class _Trace:
         return self.emit(f"{x.name}.to(tl.float32)", _F32) if x.dtype is _BOOL else x
 
 
-def element_code(objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool) -> list[str]:
+def element_code(
+    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool
+) -> tuple[list[str], dict[str, float]]:
     """Triton lines computing ``loss_``, ``grad_``, ``mult_`` (and ``weight_`` with metrics) from ``ell``,
-    ``adv`` and ``lp``, traced from the core's objective (see the module docstring)."""
+    ``adv`` and ``lp``, traced from the core's objective (see the module docstring), and the numbers they use
+    as kernel arguments ``c0, c1, ...`` (name -> value, computed in Python as the core computes them)."""
     obj = OBJECTIVES[objective]
     trace = _Trace()
     ell, adv, lp = trace.input("ell"), trace.input("adv"), trace.input("lp")
@@ -316,8 +320,8 @@ def element_code(objective: str, options: tuple[tuple[str, Any], ...], with_metr
     for name, value in out.items():
         code = trace.code(value)
         # A Python number (an objective whose term is constant) becomes a block of it.
-        lines.append(f"{name} = {code}" if isinstance(value, _Sym) else f"{name} = tl.full([BLOCK], {code}, tl.float32)")
-    return lines
+        lines.append(f"{name} = {code}" if isinstance(value, _Sym) else f"{name} = tl.full([BLOCK], 0.0, tl.float32) + {code}")
+    return lines, dict(trace.constants.values())
 
 
 # --------------------------------------------------------------------------------- the kernel source
@@ -325,7 +329,7 @@ def element_code(objective: str, options: tuple[tuple[str, Any], ...], with_metr
 _MAIN = '''
 def {name}(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
-    N, T, n_blocks,
+    N, T, n_blocks, {constants}
     MASK_KIND: tl.constexpr, ADV_PER_ROW: tl.constexpr, HAS_BW: tl.constexpr, SCALE_KIND: tl.constexpr,
     WITH_METRICS: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -592,14 +596,24 @@ def _runtime(interpret: bool) -> dict[str, Any]:
     return namespace
 
 
-@functools.lru_cache(maxsize=64)
-def _main_kernel(objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, interpret: bool) -> Any:
-    """The main kernel of one option set (compiled by Triton on first launch, per dtype/flag combination)."""
-    body = "\n".join(" " * 8 + line for line in element_code(objective, options, with_metrics))
-    name = f"_gipo_{objective}_{abs(hash((options, with_metrics))) % 10**8}"
+@functools.lru_cache(maxsize=256)
+def _main_kernel(
+    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, interpret: bool
+) -> tuple[Any, tuple[float, ...]]:
+    """The main kernel of one option set and its number arguments. Option sets whose code differs only in
+    numbers share one kernel (compiled by Triton on first launch, per dtype/flag combination)."""
+    lines, constants = element_code(objective, options, with_metrics)
+    body = "\n".join(" " * 8 + line for line in lines)
+    return _kernel_from_source(objective, body, tuple(constants), interpret), tuple(constants.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_from_source(objective: str, body: str, constants: tuple[str, ...], interpret: bool) -> Any:
+    name = f"_gipo_{objective}_{next(_files)}"
     source = _MAIN.format(
         name=name,
         element=body,
+        constants="".join(f"{c}, " for c in constants),
         K=_K,
         ppo_hi=repr(1.0 + DIAGNOSTIC_PPO_EPS),
         ppo_lo=repr(1.0 - DIAGNOSTIC_PPO_EPS),
@@ -646,7 +660,7 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     saved = torch.empty(shape, dtype=torch.float32, device=logp.device)
     n_blocks = -(-n // block)
     mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
-    main = _main_kernel(spec.objective, spec.options, spec.with_metrics, interpret)
+    main, constants = _main_kernel(spec.objective, spec.options, spec.with_metrics, interpret)
     finish = _runtime(interpret)["_gipo_finish"]
     dummy = flat[0]
     pointers = (
@@ -664,10 +678,10 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
             programs, launch = min(n_blocks, 3), {}
         else:
             launch = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)  # op-by-op rounding: no fused multiply-add
-            args = (*pointers, scale_value, saved, saved, n, n_time, n_blocks)
+            args = (*pointers, scale_value, saved, saved, n, n_time, n_blocks, *constants)
             programs = min(n_blocks, _resident_programs(main, args, flags, launch, logp.device))
         part = torch.empty((programs, _K), dtype=torch.float32, device=logp.device)
-        main[(programs,)](*pointers, scale_value, saved, part, n, n_time, n_blocks, **flags, **launch)
+        main[(programs,)](*pointers, scale_value, saved, part, n, n_time, n_blocks, *constants, **flags, **launch)
         finish[(1,)](
             part, loss, metrics, programs,
             WITH_METRICS=spec.with_metrics, BLOCK_P=max(16, 1 << (programs - 1).bit_length()),

@@ -233,12 +233,19 @@ def test_the_objectives_are_traced_from_the_core():
     """Every option branch of the core's objectives generates code; the tracer refuses a branch on data."""
     for objective, opts in OBJECTIVE_CASES:
         options = _spec(objective, opts).options
-        lines = tk.element_code(objective, options, with_metrics=True)
+        lines, constants = tk.element_code(objective, options, with_metrics=True)
         assert [line.split(" = ")[0] for line in lines[-4:]] == ["loss_", "grad_", "mult_", "weight_"]
+        assert all(isinstance(v, float) for v in constants.values())
     trace = tk._Trace()
     with pytest.raises(TypeError, match="branched on an array value"):
         bool(trace.input("ell") > 0)
-    assert trace.code(math.inf) == "_INF" and trace.code(-0.5) == "(-0.5)"
+    trace = tk._Trace()
+    assert (trace.code(math.inf), trace.code(-0.5), trace.code(math.inf)) == ("c0", "c1", "c0")
+    # Numbers are arguments: a new sigma reuses the kernel; a new branch of the core's code does not.
+    sigma = [_spec("gipo", dict(OBJECTIVE_CASES[0][1], sigma=s)).options for s in (1.0, 0.5, 30.0)]
+    kernels = [tk._main_kernel("gipo", options, True, INTERPRET) for options in sigma]
+    assert kernels[0][0] is kernels[1][0] and kernels[0][1] != kernels[1][1]
+    assert kernels[2][0] is not kernels[0][0]  # sigma^2 / 2 beyond float32's exp range: the guarded form
 
 
 def test_cpu_tensors_take_the_kernel_only_inside_interpret_on_cpu():
@@ -268,12 +275,13 @@ variants = [
     ("cispo", (("clip_max", 5.0),), "fp32", "fp16", 2, True, 0, False),
 ]
 for objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics in variants:
-    main = tk._main_kernel(objective, options, metrics, False)
+    main = tk._main_kernel(objective, options, metrics, False)[0]
     flags = dict(MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=True, SCALE_KIND=scale_kind,
                  WITH_METRICS=metrics, OFFSETS_64=per_row, BLOCK=tk.BLOCK)
     signature = {name: "*fp32" for name in pointers}
     signature.update(logp_ptr="*" + dtype, old_ptr="*" + dtype, adv_ptr="*" + dtype, mask_ptr="*" + mask_dtype)
     signature.update(scale_value="fp32", N="i64" if per_row else "i32", T="i32", n_blocks="i32")
+    signature.update({name: "fp32" for name in main.arg_names if name[0] == "c" and name[1:].isdigit()})
     signature.update({k: "constexpr" for k in flags})
     compiled = triton.compile(triton.compiler.ASTSource(main, signature, flags), target=target,
                               options={"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False})
