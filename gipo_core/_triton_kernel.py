@@ -195,7 +195,11 @@ class _Sym:
 
     def _bin(self, op: str, other: Any, *, reflected: bool = False, dtype: _Dtype = _F32) -> "_Sym":
         a, b = self.trace.code(self), self.trace.code(other)
-        return self.trace.emit(f"{b} {op} {a}" if reflected else f"{a} {op} {b}", dtype)
+        if reflected:
+            a, b = b, a
+        if op == "/":  # IEEE division, as torch's (Triton's `/` is the approximate one on CUDA)
+            return self.trace.emit(f"tl.math.div_rn({a}, {b})", dtype)
+        return self.trace.emit(f"{a} {op} {b}", dtype)
 
     def __neg__(self) -> "_Sym":
         return self.trace.emit(f"-{self.name}", _F32)
@@ -410,7 +414,7 @@ def {name}(
             acc_umax = _maximum(acc_umax, tl.where(valid, mult_, -_INF))
             finite_u = tl.where(valid & (mult_ < _INF), mult_, 0.0)
             m_new = tl.maximum(ess_m, finite_u)
-            inv_m = 1.0 / tl.where(m_new == 0.0, 1.0, m_new)
+            inv_m = tl.math.div_rn(1.0, tl.where(m_new == 0.0, 1.0, m_new))
             shrink = ess_m * inv_m
             r = finite_u * inv_m
             ess_s1 = ess_s1 * shrink + r
@@ -439,7 +443,7 @@ def {name}(
         tl.store(base + 7, tl.sum(acc_u, 0))
         tl.store(base + 8, tl.max(acc_umax, 0))
         big = tl.max(ess_m, 0)
-        rel = ess_m / tl.where(big == 0.0, 1.0, big)
+        rel = tl.math.div_rn(ess_m, tl.where(big == 0.0, 1.0, big))
         tl.store(base + 9, big)
         tl.store(base + 10, tl.sum(ess_s1 * rel, 0))
         tl.store(base + 11, tl.sum(ess_s2 * (rel * rel), 0))
@@ -462,19 +466,19 @@ def _gipo_finish(part_ptr, loss_ptr, metrics_ptr, P, WITH_METRICS: tl.constexpr,
     tl.store(loss_ptr, tl.sum(tl.load(p + 0, mask=ok, other=0.0), 0))
     if WITH_METRICS:
         n = tl.sum(tl.load(p + 1, mask=ok, other=0.0), 0)
-        inv_n = 1.0 / tl.where(n == 0.0, 1.0, n)
+        inv_n = tl.math.div_rn(1.0, tl.where(n == 0.0, 1.0, n))
         some = n > 0.0
         u_max = tl.max(tl.load(p + 8, mask=ok, other=-_INF), 0)
         # Effective sample size: the core scales u by its largest value; infinite u count 1 each.
         big_p = tl.load(p + 9, mask=ok, other=0.0)
         big = tl.max(big_p, 0)
-        rel = big_p / tl.where(big == 0.0, 1.0, big)
+        rel = tl.math.div_rn(big_p, tl.where(big == 0.0, 1.0, big))
         sum_r = tl.sum(tl.load(p + 10, mask=ok, other=0.0) * rel, 0)
         sum_r2 = tl.sum(tl.load(p + 11, mask=ok, other=0.0) * (rel * rel), 0)
         n_inf = tl.sum(tl.load(p + 12, mask=ok, other=0.0), 0)
         sum_r = tl.where(u_max < _INF, sum_r, n_inf)
         sum_r2 = tl.where(u_max < _INF, sum_r2, n_inf)
-        ess = (sum_r * sum_r) * inv_n / tl.where(sum_r2 == 0.0, 1.0, sum_r2)
+        ess = tl.math.div_rn((sum_r * sum_r) * inv_n, tl.where(sum_r2 == 0.0, 1.0, sum_r2))
         ess = tl.where(u_max != u_max, u_max, ess)  # NaN in, NaN out, as in the core
         tl.store(metrics_ptr + 0, tl.sum(tl.load(p + 2, mask=ok, other=0.0), 0) * inv_n)
         tl.store(metrics_ptr + 1, tl.where(some, tl.min(tl.load(p + 3, mask=ok, other=_INF), 0), 0.0))
