@@ -80,9 +80,9 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
         (The mode at import is ``$GIPO_TORCH_FUSED``, else ``'auto'``.)
         ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size,
         and on CUDA the hand-written Triton kernel first (when ``triton`` is installed).
-        ``'never'``: the core one torch op at a time, no kernel. In every mode the kernel is skipped inside a caller's
-        ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or ``torch.jit.trace``, and for
-        tensor subclasses.
+        ``'never'``: the core one torch op at a time, no kernel. In every mode the kernels are skipped inside
+        a caller's ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or
+        ``torch.jit.trace``, and for tensor subclasses.
     min_numel : int, default 65536
         The smallest ``logp.numel()`` that ``'auto'`` compiles for (below it Python overhead dominates).
 

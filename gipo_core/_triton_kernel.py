@@ -220,7 +220,10 @@ def _operator(op: str, *, reflected: bool = False, dtype: _Dtype = _F32) -> Call
 for _name, _op in (("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/")):
     setattr(_Sym, f"__{_name}__", _operator(_op))
     setattr(_Sym, f"__r{_name}__", _operator(_op, reflected=True))
-for _name, _op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!="), ("and", "&"), ("or", "|")):
+_COMPARISONS = (
+    ("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!="), ("and", "&"), ("or", "|"),
+)  # fmt: skip
+for _name, _op in _COMPARISONS:
     setattr(_Sym, f"__{_name}__", _operator(_op, dtype=_BOOL))
 
 
@@ -324,7 +327,8 @@ def element_code(
     for name, value in out.items():
         code = trace.code(value)
         # A Python number (an objective whose term is constant) becomes a block of it.
-        lines.append(f"{name} = {code}" if isinstance(value, _Sym) else f"{name} = tl.full([BLOCK], 0.0, tl.float32) + {code}")
+        block = code if isinstance(value, _Sym) else f"tl.full([BLOCK], 0.0, tl.float32) + {code}"
+        lines.append(f"{name} = {block}")
     return lines, dict(trace.constants.values())
 
 

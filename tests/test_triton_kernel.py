@@ -156,7 +156,11 @@ def test_case_coverage():
     assert {c[0] for c in CASES} == set(OBJECTIVES)
 
 
-@pytest.mark.parametrize("shape", [(1,), (5,), (2, 1, 33), (129,)])
+# On a GPU also sizes where every program loops over several blocks (more than fit on the GPU at once).
+_GPU_SHAPES = [] if INTERPRET else [(7, 100_003), (3_000_017,)]
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (2, 1, 33), (129,), *_GPU_SHAPES])
 def test_odd_sizes_and_ranks(shape):
     logp, old, adv, m, _ = make_batch(shape, seed=sum(shape), mask="float")
     check((logp, old, adv, m, None, None), _spec(*OBJECTIVE_CASES[1], agg="seq-mean-token-mean"), block=32)
