@@ -149,7 +149,9 @@ def _triton_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, 
     Imported only for CUDA tensors (or CPU tensors once a test has imported it to run Triton's interpreter).
     """
     logp = arrays[0]
-    if _settings["mode"] == "never" or not (logp.is_cuda or "gipo_core._triton_kernel" in sys.modules):
+    if torch.compiler.is_compiling() or _settings["mode"] == "never":
+        return None
+    if not (logp.is_cuda or "gipo_core._triton_kernel" in sys.modules):
         return None
     from . import _triton_kernel
 

@@ -11,7 +11,8 @@ The math is not written here a third time:
   core's own functions (``gipo_core._core.objectives.OBJECTIVES``): they are called once per option set
   with a symbolic array namespace (``_Trace``) that records each array operation as one line of Triton
   code. Options are Python values there, so the core's branches on them (kernel choice, ``sigma_neg``, the
-  overflow guard, dual clip) pick the lines, and the kernel is specialised per option set.
+  overflow guard, dual clip) pick the lines; numbers become kernel arguments, so option sets that take the
+  same branches share one compiled kernel.
 - The aggregation scale (``1 / N_tok``, ``1 / N_seq``, per-sequence ``1 / (n_i N_seq)``, ``1 / T``, or the
   caller's ``denominator``) is the core's ``_coefficient`` itself, run on the mask before the kernel (it
   reads only the mask: one extra read of the mask where the count depends on it, none otherwise).
@@ -49,7 +50,7 @@ from ._core.engine import DIAGNOSTIC_PPO_EPS, METRIC_NAMES, LossSpec
 from ._core.objectives import OBJECTIVES
 from ._torch_namespace import namespace as _xp
 
-__all__ = ["DEFAULT_ON_CUDA", "available", "supports", "forward", "interpret_on_cpu"]
+__all__ = ["DEFAULT_ON_CUDA", "available", "wants", "supports", "forward", "try_forward", "interpret_on_cpu"]
 
 #: Whether ``set_fused("auto")`` (the default) runs this kernel for CUDA tensors. False until the kernel has
 #: passed ``backends/gpu_run.sh`` on a GPU; ``set_fused("always")`` uses it on CUDA either way.
@@ -594,7 +595,6 @@ def _runtime(interpret: bool) -> dict[str, Any]:
     import triton.language as tl  # noqa: PLC0415
 
     namespace: dict[str, Any] = {"tl": tl, "triton": triton, "_INF": tl.constexpr(math.inf)}
-    namespace["_NAN"] = tl.constexpr(math.nan)
     if not interpret:
         from triton.language.extra import libdevice  # noqa: PLC0415
 
