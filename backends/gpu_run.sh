@@ -12,8 +12,8 @@
 #      gipo_core._triton_kernel.DEFAULT_ON_CUDA), i.e. what set_fused("auto") runs once that switch is on;
 #   5. times the Triton kernel (benchmarks/torch_targets.py): forward + backward at 2^26 float32 with
 #      diagnostics, as a share of the device-to-device copy bandwidth for the bytes the step moves (target
-#      >= 85%), three block/warp configurations, the inductor kernel beside it, and at 2^20 against verl-style
-#      PPO-clip in plain torch;
+#      >= 85%), three more block/warp configurations, and at 2^20 against verl-style PPO-clip in plain torch
+#      (--no-compile: no torch.compile rows, which report.py times in step 6);
 #   6. runs benchmarks/report.py on the GPU at 2^20 and 2^26 float32 (torch eager, torch.compile, jax.jit);
 #   7. checks set_fused("always") on CUDA against the CPU (tests/test_torch_fused.py -k cuda).
 #
@@ -120,7 +120,7 @@ done
 
 # 5. the Triton kernel's speed: 2^26 against the copy bandwidth, 2^20 against verl-style PPO-clip
 step triton_speed 120 "$OUT/triton_speed.txt" "$PY" benchmarks/torch_targets.py --device cuda --large 26 \
-    --small 20 --repeat 10 --triton-configs 1024/8,256/4,512/4
+    --small 20 --repeat 10 --no-compile --triton-configs 1024/8,256/4,512/4
 cat "$OUT/triton_speed.txt"
 
 # 6. the ratio report on the GPU (the copy rows are the device-to-device copy bandwidth)
