@@ -134,10 +134,14 @@ def _spec(objective, opts, **kw):
     return LossSpec(objective, options, **kw)
 
 
-# Twenty cases: every objective twice, every (aggregation, mask kind) pair, every dtype with every mask kind,
-# per-sequence advantages, behaviour weights and diagnostics on and off spread over them.
+# Twenty cases: every objective twice, every (aggregation, mask kind) pair (a new mode of the core too), every
+# dtype with every mask kind, per-sequence advantages, behaviour weights and diagnostics on and off spread over
+# them (each aggregation with and without per-sequence advantages).
 CASES = [
-    (*OBJECTIVE_CASES[k % 10], AGG_MODES[k % 4], MASKS[k % 3], DTYPES[(k // 3) % 3], k % 2 == 1, k % 4 != 3, k % 5 != 4)
+    (
+        *OBJECTIVE_CASES[k % len(OBJECTIVE_CASES)], AGG_MODES[k % len(AGG_MODES)], MASKS[k % 3], DTYPES[(k // 3) % 3],
+        (k // 4) % 2 == 1, (k // 2) % 3 != 2, k % 5 != 4,
+    )  # fmt: skip
     for k in range(20)
 ]
 
@@ -154,6 +158,7 @@ def test_case_coverage():
     assert {(c[2], c[3]) for c in CASES} == {(a, m) for a in AGG_MODES for m in MASKS}
     assert {(c[3], c[4]) for c in CASES} == {(m, d) for m in MASKS for d in DTYPES}
     assert {c[0] for c in CASES} == set(OBJECTIVES)
+    assert {(c[2], c[5]) for c in CASES} == {(a, p) for a in AGG_MODES for p in (False, True)}
 
 
 # On a GPU also sizes where every program loops over several blocks (more than fit on the GPU at once).
