@@ -2,10 +2,10 @@
 
 The reference is the core run one torch op at a time on the CPU (``engine.forward``; it is checked against
 the golden data by the conformance suite). On a machine without CUDA the kernel runs in Triton's CPU
-interpreter on CPU tensors: ``TRITON_INTERPRET=1`` has to be set before ``triton`` is first imported
-(its standard library is decorated at import), so ``tests/conftest.py`` sets it for the whole session on
-machines without CUDA, where nothing else runs Triton code. With CUDA (and ``TRITON_INTERPRET`` unset) the
-same tests run the compiled kernel on the GPU (``backends/gpu_run.sh``).
+interpreter on CPU tensors: ``TRITON_INTERPRET=1`` has to be set before ``triton`` is first imported (its
+standard library is decorated at import), so the repository's root ``conftest.py`` sets it for the whole
+session on machines without CUDA, where nothing else runs Triton code. With CUDA (and ``TRITON_INTERPRET``
+unset) the same tests run the compiled kernel on the GPU (``backends/gpu_run.sh``).
 
 The interpreter runs each kernel with NumPy, one program at a time: inputs are small (odd sizes that no block
 size divides, with blocks of 32 or 64 elements so that several programs and loop steps run), and the cases
@@ -40,7 +40,7 @@ def _interpreter_ready() -> str | None:
     if isinstance(triton.language.standard.sum, InterpretedFunction):
         return None
     return (
-        "triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it on machines "
+        "triton was imported before TRITON_INTERPRET=1 was set (the root conftest.py sets it on machines "
         "without CUDA); run with TRITON_INTERPRET=1 in the environment"
     )
 
@@ -56,7 +56,7 @@ def kernel_device():
             yield
             gt.set_fused(**before)
     else:
-        assert torch.cuda.is_available(), "without CUDA these tests need TRITON_INTERPRET=1 (tests/conftest.py)"
+        assert torch.cuda.is_available(), "without CUDA these tests need TRITON_INTERPRET=1 (root conftest.py)"
         before = gt.fused_settings()
         yield
         gt.set_fused(**before)
