@@ -535,19 +535,7 @@ def _log1p(x):
     return tl.where(d == 0.0, x, tl.where(u == _INF, u, q))
 '''
 
-_LIBDEVICE = '''
-def _exp(x):
-    return libdevice.exp(x)
-
-def _log(x):
-    return libdevice.log(x)
-
-def _expm1(x):
-    return libdevice.expm1(x)
-
-def _log1p(x):
-    return libdevice.log1p(x)
-'''
+_LIBDEVICE = "".join(f"\ndef _{f}(x):\n    return libdevice.{f}(x)\n" for f in ("exp", "log", "expm1", "log1p"))
 
 _MINMAX = '''
 def _maximum(a, b):
