@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -23,6 +21,7 @@ import gipo_core.jax as gj  # noqa: E402
 import gipo_core.numpy as gn  # noqa: E402
 from gipo_core import AGG_MODES, METRIC_NAMES  # noqa: E402
 from gipo_core._core.objectives import OBJECTIVES  # noqa: E402
+from subprocess_helpers import run_python  # noqa: E402
 
 # (public function name, options): every objective, and the options that change its code path.
 CASES = [
@@ -426,8 +425,5 @@ def test_sharded_over_eight_devices_equals_unsharded(agg):
     # The flag must be set before JAX initialises, hence a fresh process; on a GPU machine it runs on the CPU.
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARDING_SCRIPT.format(agg=agg)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("ok")
+    (output,) = run_python([["-c", _SHARDING_SCRIPT.format(agg=agg)]], env=env, timeout=300)
+    assert output.splitlines()[-1].startswith("ok"), output
