@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 
 def _cuda_available() -> bool:
@@ -25,7 +26,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-if importlib.util.find_spec("triton") is not None:
+if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
     if not _cuda_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
