@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download into .whl/ the Python packages that the lent GPU machine's image lacks, for its Python 3.12 on
 # manylinux x86_64: array-api-compat (a dependency of gipo-core) and array-api-strict (the conformance
-# suite's reference backend). The image already has torch, JAX, pytest, hypothesis and mpmath; the project
-# itself travels as the working tree and is put on PYTHONPATH by backends/gpu_run.sh.
+# suite's reference backend). The image already has torch, JAX, pytest, hypothesis and mpmath, and triton
+# (a dependency of torch's CUDA wheels, needed by gipo_core._triton_kernel; too large to fetch here); the
+# project itself travels as the working tree and is put on PYTHONPATH by backends/gpu_run.sh.
 #
 # Usage, from anywhere in the repository, with network access:
 #     bash backends/fetch_gpu_wheels.sh          # then run backends/gpu_run.sh there with carry [".whl"]

@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine: conformance on CUDA, then the ratio report on the GPU.
+# The one script for a machine with an NVIDIA GPU: the Triton kernel, conformance on CUDA, then the speed.
 #
-#   1. installs the carried wheels the image lacks (.whl/, made by backends/fetch_gpu_wheels.sh) into
-#      /tmp/site and puts the repository and /tmp/site on PYTHONPATH;
+#   1. installs the wheels in .whl/ (made by backends/fetch_gpu_wheels.sh: what a GPU image with torch and
+#      JAX lacks) into /tmp/site and puts the repository and /tmp/site on PYTHONPATH; without .whl/ the
+#      Python environment must have them (pip install -r backends/torch-cuda.txt -e ".[test,triton]");
 #   2. records the machine (nvidia-smi, versions, devices) in env.txt;
-#   3. runs the conformance suite on cuda for torch and for jax, side by side, with --require-device, so
-#      that a missing GPU is a failure and not a skip;
-#   4. runs benchmarks/report.py on the GPU at 2^20 to 2^26 elements: float32 for torch eager,
-#      torch.compile and jax.jit, bfloat16 for torch eager and jax.jit; the "copy" rows give the
-#      device-to-device copy bandwidth, "% copy BW" each step's share of it;
-#   5. checks the fused eager kernel (set_fused("always"), off on CUDA by default) against the CPU and
-#      times it at 2^26 (benchmarks/torch_targets.py).
+#   3. runs tests/test_triton_kernel.py on the GPU, compiled (TRITON_INTERPRET=0): the hand-written Triton
+#      kernel of gipo_core.torch against the op-by-op core, the same cases CI runs in Triton's interpreter;
+#   4. runs the conformance suite on cuda for torch and for jax, side by side, with --require-device (a
+#      missing GPU fails); torch with the Triton kernel as the CUDA default (backends/triton_default_on.py sets
+#      gipo_core._triton_kernel.DEFAULT_ON_CUDA), i.e. what set_fused("auto") runs once that switch is on;
+#   5. times the Triton kernel (benchmarks/torch_targets.py): forward + backward at 2^26 float32 with
+#      diagnostics, as a share of the device-to-device copy bandwidth for the bytes the step moves (target
+#      >= 85%), three more block/warp configurations, and at 2^20 against verl-style PPO-clip in plain torch
+#      (--no-compile: no torch.compile rows, which report.py times in step 6);
+#   6. runs benchmarks/report.py on the GPU at 2^20 and 2^26 float32 (torch eager, torch.compile, jax.jit);
+#   7. checks set_fused("always") on CUDA against the CPU (tests/test_torch_fused.py -k cuda).
 #
-# Every step has its own time limit (install 60 s, env 30 s, conformance 180 s with torch and jax side by
-# side, report 120 s + 50 s, fused kernel 60 s + 60 s), so a hang cannot eat the budget: at most 560 s
-# even if every step hits its limit; give the device call timeout_s=590. The report writes its JSON after
-# every size, so a step cut off at its limit keeps what it measured. Everything lands in $OUT (9 files, no
-# sub-folders):
-#   run.log  env.txt  conformance_torch_cuda.log  conformance_jax_cuda.log
-#   report_float32.json  report_bfloat16.json  report.md  fused_cuda.log  fused_cuda_speed.txt
+# Every step has its own time limit (install 45 s, env 20 s, Triton tests 90 s, conformance 180 s with torch
+# and jax side by side, Triton speed 120 s, report 80 s, set_fused tests 45 s), so a hang cannot eat the
+# budget: at most about 600 s even if every step hits its limit (typically far less). The report writes its
+# JSON after every size, so a step cut off at its limit keeps what it measured. Everything lands in $OUT:
+#   run.log  env.txt  triton_cuda.log  conformance_torch_cuda.log  conformance_jax_cuda.log
+#   triton_speed.txt  report_float32.json  report.md  fused_cuda.log
 # The exit status is 0 only if every step passed.
 #
-# Usage (device tool, carry [".whl"]):   bash backends/gpu_run.sh
-# Locally, for a dry run without a GPU:  OUT=/tmp/gpu-out bash backends/gpu_run.sh   (fails: no GPU)
+# Usage:                                   bash backends/gpu_run.sh            (OUT=gipo-out by default)
+# Without a GPU it stops after step 2 with a clear message (exit 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gipo-out}
@@ -56,22 +60,23 @@ step() {
     return 0
 }
 
-# 1. carried wheels
+# 1. wheels the environment lacks
 if compgen -G ".whl/*.whl" >/dev/null; then
-    step install 60 - "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    step install 45 - "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
 else
-    echo "no .whl/ carried: relying on the image for array-api-compat (run backends/fetch_gpu_wheels.sh here)"
+    echo "no .whl/: relying on the environment for array-api-compat and array-api-strict (backends/fetch_gpu_wheels.sh)"
 fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. the machine
-step env 30 "$OUT/env.txt" bash -c '
+step env 20 "$OUT/env.txt" bash -c '
     nvidia-smi || echo "nvidia-smi failed"
     "$0" - <<EOF
 import platform, importlib
 print("python", platform.python_version())
-for name in ("numpy", "torch", "jax", "jaxlib", "array_api_compat", "array_api_strict", "hypothesis", "gipo_core"):
+for name in ("numpy", "torch", "triton", "jax", "jaxlib", "array_api_compat", "array_api_strict", "hypothesis",
+             "gipo_core"):
     try:
         m = importlib.import_module(name)
         print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
@@ -83,10 +88,24 @@ import jax
 print("jax devices", jax.devices())
 EOF' "$PY"
 cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    # Without a GPU: the one step that runs on a CPU (the kernel tests in Triton's interpreter), then stop.
+    step triton_interpreter 300 "$OUT/triton_interpreter.log" env TRITON_INTERPRET=1 "$PY" -m pytest \
+        tests/test_triton_kernel.py -q -p no:cacheprovider
+    tail -n 3 "$OUT/triton_interpreter.log"
+    echo "=== no CUDA device visible to torch: stopped after the CPU-runnable steps; failed: ${FAILED[*]:-none}"
+    exit 2
+fi
 
-# 3. conformance on cuda, torch and jax side by side (a missing GPU fails: --require-device)
+# 3. the Triton kernel on the GPU, compiled (the CPU CI runs the same tests in Triton's interpreter)
+step triton_cuda 90 "$OUT/triton_cuda.log" env TRITON_INTERPRET=0 "$PY" -m pytest tests/test_triton_kernel.py \
+    -q -p no:cacheprovider --durations=5
+tail -n 3 "$OUT/triton_cuda.log"
+
+# 4. conformance on cuda, torch (Triton kernel as the CUDA default) and jax side by side
 CONF=(-m pytest conformance --device=cuda --require-device -q -p no:cacheprovider -n 4 --durations=5)
-step conformance_torch_cuda 180 "$OUT/conformance_torch_cuda.log" "$PY" "${CONF[@]}" --backend=torch &
+step conformance_torch_cuda 180 "$OUT/conformance_torch_cuda.log" "$PY" "${CONF[@]}" --backend=torch \
+    -p backends.triton_default_on &
 PID_TORCH=$!
 step conformance_jax_cuda 180 "$OUT/conformance_jax_cuda.log" "$PY" "${CONF[@]}" --backend=jax &
 PID_JAX=$!
@@ -99,21 +118,19 @@ for b in torch jax; do
         || FAILED+=("conformance_${b}_cuda")
 done
 
-# 4. the ratio report on the GPU (the copy rows are the device-to-device copy bandwidth)
-REPORT=(benchmarks/report.py --strict --sizes 20,22,24,26 --repeats 40 --budget 3)
-step report_float32 120 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
-    --dtypes float32 --json "$OUT/report_float32.json" --markdown "$OUT/report_float32.md"
-step report_bfloat16 50 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu \
-    --dtypes bfloat16 --json "$OUT/report_bfloat16.json" --markdown "$OUT/report_bfloat16.md"
-cat "$OUT"/report_float32.md "$OUT"/report_bfloat16.md >"$OUT/report.md" 2>/dev/null
-rm -f "$OUT"/report_float32.md "$OUT"/report_bfloat16.md
+# 5. the Triton kernel's speed: 2^26 against the copy bandwidth, 2^20 against verl-style PPO-clip
+step triton_speed 120 "$OUT/triton_speed.txt" "$PY" benchmarks/torch_targets.py --device cuda --large 26 \
+    --small 20 --repeat 10 --no-compile --triton-configs 1024/8,256/4,512/4
+cat "$OUT/triton_speed.txt"
 
-# 5. the fused eager kernel (gipo_core.torch.set_fused("always")) on CUDA: against the CPU, then its speed
-step fused_cuda_tests 60 "$OUT/fused_cuda.log" "$PY" -m pytest tests/test_torch_fused.py -k cuda -q -p no:cacheprovider
+# 6. the ratio report on the GPU (the copy rows are the device-to-device copy bandwidth)
+REPORT=(benchmarks/report.py --strict --sizes 20,26 --repeats 40 --budget 3)
+step report_float32 80 - "$PY" "${REPORT[@]}" --legs torch:cuda,jax.jit:gpu,torch.compile:cuda \
+    --dtypes float32 --json "$OUT/report_float32.json" --markdown "$OUT/report.md"
+
+# 7. set_fused("always") on CUDA (the Triton kernel first, the inductor kernel for what it does not cover)
+step fused_cuda_tests 45 "$OUT/fused_cuda.log" "$PY" -m pytest tests/test_torch_fused.py -k cuda -q -p no:cacheprovider
 tail -n 3 "$OUT/fused_cuda.log"
-step fused_cuda_speed 60 "$OUT/fused_cuda_speed.txt" "$PY" benchmarks/torch_targets.py --device cuda --large 26 \
-    --fused always --repeat 10
-cat "$OUT/fused_cuda_speed.txt"
 
 echo "=== done in $(($(date +%s) - T_START))s; failed: ${FAILED[*]:-none}"
 [ "${#FAILED[@]}" -eq 0 ]

@@ -33,12 +33,23 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
+    # Triton and TensorFlow both bundle LLVM: importing Triton after TensorFlow aborts the process ("Option
+    # ... registered more than once"), and torch.compile imports Triton by itself when it is installed. Triton
+    # first, and both work in one process (a script that imported TensorFlow already does not get Triton).
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken Triton: torch.compile will say so
+        pass
 
 __all__ = [
     "ALL_LEGS",

@@ -15,6 +15,11 @@ When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
   inputs).
 - ``"never"``: the plain path only.
 
+CUDA tensors go first to the hand-written Triton kernel (``gipo_core._triton_kernel``, imported only then)
+when ``triton`` is installed and the mode is ``"always"`` (or ``"auto"`` once
+``_triton_kernel.DEFAULT_ON_CUDA`` is switched on after a GPU check); what it does not cover (float64, the
+off-policy options) goes on to the rules above. ``"never"`` turns both kernels off.
+
 The starting mode comes from the environment variable ``GIPO_TORCH_FUSED`` (``auto`` if unset).
 
 Never inside ``torch.compile`` or ``torch.export`` (the caller's graph already fuses the core), under
@@ -30,6 +35,7 @@ Results equal the plain path's to within rounding: the compiled loops sum in ano
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -72,10 +78,11 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
     ----------
     mode : {'auto', 'always', 'never'}, default 'auto'
         (The mode at import is ``$GIPO_TORCH_FUSED``, else ``'auto'``.)
-        ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size.
-        ``'never'``: the core one torch op at a time. In every mode the kernel is skipped inside a caller's
-        ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or ``torch.jit.trace``, and for
-        tensor subclasses.
+        ``'auto'``: CPU tensors with at least ``min_numel`` elements. ``'always'``: any device and size,
+        and on CUDA the hand-written Triton kernel first (when ``triton`` is installed).
+        ``'never'``: the core one torch op at a time, no kernel. In every mode the kernels are skipped inside
+        a caller's ``torch.compile``, under ``torch.func.vmap``, a ``TorchDispatchMode`` or
+        ``torch.jit.trace``, and for tensor subclasses.
     min_numel : int, default 65536
         The smallest ``logp.numel()`` that ``'auto'`` compiles for (below it Python overhead dominates).
 
@@ -118,18 +125,39 @@ def fused_settings() -> dict[str, Any]:
     return dict(_settings)
 
 
-def _eligible(logp: torch.Tensor) -> bool:
-    mode = _settings["mode"]
-    if mode == "never" or torch.compiler.is_compiling():
-        return False
-    if (
-        type(logp) is not torch.Tensor
+def _eager_plain(logp: torch.Tensor) -> bool:
+    """An eager call on a plain tensor: no compiler, functorch transform, dispatch mode or trace around it."""
+    return not (
+        torch.compiler.is_compiling()
+        or type(logp) is not torch.Tensor
         or torch._C._are_functorch_transforms_active()
         or _get_current_dispatch_mode() is not None
         or torch.jit.is_tracing()
-    ):
+    )
+
+
+def _eligible(logp: torch.Tensor) -> bool:
+    mode = _settings["mode"]
+    if mode == "never" or not _eager_plain(logp):
         return False
     return mode == "always" or (logp.device.type == "cpu" and logp.numel() >= _settings["min_numel"])
+
+
+def _triton_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any] | None:
+    """The hand-written Triton kernel (``gipo_core._triton_kernel``) for CUDA tensors, or None to go on.
+
+    Imported only for CUDA tensors (or CPU tensors once a test has imported it to run Triton's interpreter).
+    """
+    logp = arrays[0]
+    if torch.compiler.is_compiling() or _settings["mode"] == "never":
+        return None
+    if not (logp.is_cuda or "gipo_core._triton_kernel" in sys.modules):
+        return None
+    from . import _triton_kernel
+
+    if not (_triton_kernel.wants(logp, _settings["mode"]) and _eager_plain(logp)):
+        return None
+    return _triton_kernel.try_forward(arrays, spec)
 
 
 def _plain(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
@@ -151,6 +179,9 @@ def _compile(spec: LossSpec) -> Callable[..., Any]:
 
 def core_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
     """``(loss, saved, stacked diagnostics or None)`` from the core: compiled when eligible, else op by op."""
+    out = _triton_forward(arrays, spec)
+    if out is not None:
+        return out
     if not _eligible(arrays[0]):
         return _plain(arrays, spec)
     kernel = _kernels.get(spec, False)
