@@ -28,18 +28,33 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._api import LossArrays, prepare
 from ._core.engine import LossSpec, forward
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 
-__all__ = ["FusedArgs", "check_fused_args", "aggregation_weight", "chunk_spec", "resolve_chunk_size"]
+__all__ = ["FusedArgs", "FusedLinearOutput", "check_fused_args", "aggregation_weight", "chunk_spec", "resolve_chunk_size"]
 
 #: Tokens per chunk when ``chunk_size`` is None: at most this many, and fewer when the vocabulary is much
 #: larger than the hidden size (a chunk's logits then stay about the size of the hidden states themselves).
 DEFAULT_MAX_CHUNK = 1024
+
+
+class FusedLinearOutput(NamedTuple):
+    """What :func:`fused_linear_loss` returns.
+
+    ``loss`` (0-d) and ``metrics`` (0-d diagnostics) are those of the array-level loss on ``logp``; ``logp``
+    (token shape) is the log-probability of each target token and ``entropy`` (token shape, or None unless
+    asked for) the entropy of each token's distribution, both detached (no gradient flows through them),
+    in float32 (float64 for float64 inputs).
+    """
+
+    loss: Any
+    metrics: dict
+    logp: Any
+    entropy: Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,28 +20,13 @@ from torch import nn
 from ._api import AGG_MODES, METRIC_NAMES, _check_options
 from ._core.engine import LossSpec, forward
 from ._core.objectives import OBJECTIVES
-from ._fused_linear import FusedArgs, aggregation_weight, check_fused_args, chunk_spec
+from ._fused_linear import FusedArgs, FusedLinearOutput, aggregation_weight, check_fused_args, chunk_spec
 from ._lib import checks
 from ._torch_namespace import namespace as _xp
 
 __all__ = ["FusedLinearOutput", "fused_linear_loss", "FusedLinearLoss", "FusedLinearGIPOLoss"]
 
 _FN = "fused_linear_loss"
-
-
-class FusedLinearOutput(NamedTuple):
-    """What :func:`fused_linear_loss` returns.
-
-    ``loss`` (0-d) and ``metrics`` (0-d diagnostics) are those of the array-level loss on ``logp``; ``logp``
-    (token shape) is the log-probability of each target token and ``entropy`` (token shape, or None unless
-    asked for) the entropy of each token's distribution, both detached (no gradient flows through them),
-    in float32 (float64 for float64 inputs).
-    """
-
-    loss: Any
-    metrics: dict
-    logp: Any
-    entropy: Any
 
 
 def _chunks(
