@@ -78,7 +78,7 @@ def _chunks(
             del shifted
         if core is None:
             continue
-        old, adv, valid, weights = (a[start:stop] for a in core)
+        old, adv, valid, weights = (None if a is None else a[start:stop] for a in core)
         _, saved, _ = forward(logp[start:stop], old, adv, valid, weights, None, spec=spec, xp=_xp)
         coef = saved.to(wd)[:, None] * (1.0 / temperature)
         # dL/dz = coef * (onehot - softmax), built in place in the softmax's buffer.
@@ -133,10 +133,12 @@ class _FusedLinear(torch.autograd.Function):
         logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets.reshape(-1).long(), core, args, with_entropy, needs)
         logp = logp.reshape(old_logp.shape)
         loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
-        empty = logp.new_zeros(0)
-        gh = empty if gh is None else gh.reshape(hidden.shape)
-        entropy = empty if entropy is None else entropy.reshape(old_logp.shape)
-        return loss, logp, entropy, stacked, gh, empty if gw is None else gw, empty if gb is None else gb
+        # Absent outputs are distinct empty tensors: one tensor returned twice confuses torch.compile.
+        gh = logp.new_zeros(0) if gh is None else gh.reshape(hidden.shape)
+        entropy = logp.new_zeros(0) if entropy is None else entropy.reshape(old_logp.shape)
+        gw = logp.new_zeros(0) if gw is None else gw
+        gb = logp.new_zeros(0) if gb is None else gb
+        return loss, logp, entropy, stacked, gh, gw, gb
 
     @staticmethod
     def setup_context(ctx, inputs, output):
