@@ -137,7 +137,8 @@ def check_fused_args(
     if weight.dtype != hidden.dtype:
         raise TypeError(
             f"`{fn}`: `weight` has dtype {weight.dtype} but `hidden` has dtype {hidden.dtype}; the matmul runs in "
-            "the input dtype, cast one of them"
+            "the input dtype: pass weight cast to hidden's dtype (e.g. lm_head.weight.to(hidden.dtype), "
+            "differentiable) or cast hidden"
         )
     if bias is not None:
         if checks.shape_of(bias) != (w_shape[0],):

@@ -182,7 +182,7 @@ def fused_linear_loss(
     weight : array, shape (vocab, hidden_dim)
         The output projection (as ``flax.linen.Dense``'s kernel transposed, or a tied embedding table).
     target_ids : integer array, shape (..., time)
-        The sampled tokens.
+        The sampled tokens, in ``[0, vocab)`` at valid positions; any value at masked positions.
     old_logp, advantages, mask, agg, denominator, behavior_weights, with_metrics
         As in the array-level losses.
     objective : {'gipo', 'ppo_clip', 'sapo', 'cispo', 'no_clip'}, default 'gipo'
@@ -254,6 +254,9 @@ def fused_linear_loss(
         options=options,
         xp=xp,
     )
+    if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
+        in_range = (target_ids >= 0) & (target_ids < weight.shape[0])
+        target_ids = jnp.where((mask != 0) | in_range, target_ids, 0)
     static = (args, with_entropy, xp)
     loss, metrics, logp, entropy = _fused(static, hidden, weight, bias, target_ids, *arrays[1:])
     metrics = {name: metrics[name] for name in METRIC_NAMES if name in metrics}

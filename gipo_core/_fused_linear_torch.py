@@ -60,7 +60,7 @@ def _chunks(
         h = hidden[start:stop]
         z = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)
         if temperature != 1.0:
-            z = z / temperature
+            z.div_(temperature)  # z is this chunk's own buffer
         z = z.to(wd)  # the log-softmax onward in float32 (a copy only for low-precision inputs)
         t = targets[start:stop, None]
         target_logit = z.gather(1, t)
@@ -150,10 +150,22 @@ class _FusedLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused):  # noqa: ARG004
         grads = [None, None, None]
-        if grad_loss is not None:
-            for i, saved in enumerate(ctx.saved_tensors):
-                if ctx.needs_input_grad[i] and saved.numel():
-                    grads[i] = saved * grad_loss.to(saved.dtype)
+        if grad_loss is None:
+            return (*grads, None, None, None, None, None, None, None)
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            # Eagerly the gradients computed in the forward are scaled in place and handed over: no second
+            # weight-sized buffer. They can then serve one backward only.
+            if getattr(ctx, "used", False):
+                raise RuntimeError(
+                    f"`{_FN}`: backward through the same call twice (retain_graph=True) is not supported: the "
+                    "gradients computed in the forward are scaled in place by the first backward; call the loss again"
+                )
+            ctx.used = True
+        for i, saved in enumerate(ctx.saved_tensors):
+            if ctx.needs_input_grad[i] and saved.numel():
+                scale = grad_loss.to(saved.dtype)
+                grads[i] = saved.mul_(scale) if eager else saved * scale
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -205,8 +217,9 @@ def fused_linear_loss(
         The output projection, as ``nn.Linear.weight`` (``lm_head.weight``, possibly tied to the input
         embedding); same dtype as ``hidden``.
     target_ids : Tensor of integers, shape (..., time)
-        The sampled tokens whose log-probabilities enter the objective (ids in ``[0, vocab)``; not checked on
-        the device).
+        The sampled tokens whose log-probabilities enter the objective: ids in ``[0, vocab)`` at valid
+        positions (not checked on the device); at masked positions any value (``-100``, padding): there an
+        out-of-range id is read as 0 (it changes nothing but the returned ``logp`` at that position).
     old_logp, advantages, mask
         As in the array-level losses: shape (..., time); ``advantages`` also (..., 1).
     objective : {'gipo', 'ppo_clip', 'sapo', 'cispo', 'no_clip'}, default 'gipo'
@@ -282,6 +295,9 @@ def fused_linear_loss(
         options=options,
         xp=_xp,
     )
+    if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
+        in_range = (target_ids >= 0) & (target_ids < weight.shape[0])
+        target_ids = torch.where((mask != 0) | in_range, target_ids, 0)
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,

@@ -163,6 +163,9 @@ def test_eager_numpy_inputs_and_chunking():
         np.testing.assert_allclose(out.loss, results[0].loss, rtol=1e-6)
         np.testing.assert_allclose(out.logp, results[0].logp, rtol=1e-6)
     assert results[0].entropy is None
+    padded = np.where(mask, ids, -100)  # ids at masked positions are ignored
+    np.testing.assert_allclose(gj.fused_linear_loss(hidden, weight, padded, old, adv, mask, bias=bias).loss,
+                               results[0].loss, rtol=1e-6)
 
 
 def test_memory_stays_flat_under_jit():

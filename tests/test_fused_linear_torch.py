@@ -382,3 +382,21 @@ def test_ddp_two_processes(tmp_path):
                             env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok" in result.stdout
+
+
+def test_target_ids_at_masked_positions_are_ignored():
+    hidden, weight, _, ids, old, adv, mask = data(seed=13, bias=False)
+    out = gt.fused_linear_loss(hidden, weight.requires_grad_(), ids, old, adv, mask)
+    padded = torch.where(mask, ids, -100)  # the usual ignore index
+    out2 = gt.fused_linear_loss(hidden, weight, padded, old, adv, mask)
+    torch.testing.assert_close(out2.loss, out.loss, rtol=0, atol=0)
+    torch.testing.assert_close(grads(out2.loss, (weight,))[0], grads(out.loss, (weight,))[0], rtol=0, atol=0)
+
+
+def test_second_backward_through_one_call_raises():
+    hidden, weight, _, ids, old, adv, mask = data(seed=14, bias=False)
+    w = weight.clone().requires_grad_()
+    out = gt.fused_linear_loss(hidden, w, ids, old, adv, mask)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_loss.*twice"):
+        out.loss.backward()
