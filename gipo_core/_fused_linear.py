@@ -35,7 +35,8 @@ from ._core.engine import LossSpec, forward
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 
-__all__ = ["FusedArgs", "FusedLinearOutput", "check_fused_args", "aggregation_weight", "chunk_spec", "resolve_chunk_size"]
+__all__ = ["FusedArgs", "FusedLinearOutput", "check_fused_args", "aggregation_weight", "chunk_spec", "objective_options",
+           "resolve_chunk_size"]
 
 #: Tokens per chunk when ``chunk_size`` is None: at most this many, and fewer when the vocabulary is much
 #: larger than the hidden size (a chunk's logits then stay about the size of the hidden states themselves).
@@ -83,6 +84,21 @@ def resolve_chunk_size(fn: str, chunk_size: Any, n_tokens: int, vocab: int, hidd
     return int(chunk_size)
 
 
+def objective_options(fn: str, objective: Any, options: dict) -> dict:
+    """The objective's full option dict (defaults filled in); an unknown objective or option raises."""
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        valid = ", ".join(repr(k) for k in OBJECTIVES)
+        raise ValueError(f"`{fn}`: `objective` must be one of {valid}; got {objective!r}")
+    defaults = dict(OBJECTIVES[objective].defaults)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = ", ".join(defaults) or "none"
+        raise TypeError(
+            f"`{fn}`: unexpected option(s) {', '.join(unknown)} for objective={objective!r}; its options: {valid}"
+        )
+    return {k: options.get(k, v) for k, v in defaults.items()}
+
+
 def check_fused_args(
     fn: str,
     hidden: Any,
@@ -108,17 +124,7 @@ def check_fused_args(
     The token shape is ``hidden.shape[:-1]``: ``target_ids``, ``old_logp``, ``mask`` and
     ``behavior_weights`` have it, ``advantages`` has it or size 1 on the last axis.
     """
-    if not isinstance(objective, str) or objective not in OBJECTIVES:
-        valid = ", ".join(repr(k) for k in OBJECTIVES)
-        raise ValueError(f"`{fn}`: `objective` must be one of {valid}; got {objective!r}")
-    defaults = dict(OBJECTIVES[objective].defaults)
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = ", ".join(defaults) or "none"
-        raise TypeError(
-            f"`{fn}`: unexpected option(s) {', '.join(unknown)} for objective={objective!r}; its options: {valid}"
-        )
-    options = {k: options.get(k, v) for k, v in defaults.items()}
+    options = objective_options(fn, objective, options)
     for name, value in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids), ("old_logp", old_logp)):
         if value is None:
             raise TypeError(f"`{fn}`: `{name}` is required; got None")

@@ -11,16 +11,23 @@ core is asked for each chunk's ``dloss/dlogp``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._api import AGG_MODES, METRIC_NAMES, _check_options
+from ._api import AGG_MODES, METRIC_NAMES, LossArrays, _check_options
 from ._core.engine import LossSpec, forward
-from ._core.objectives import OBJECTIVES
-from ._fused_linear import FusedArgs, FusedLinearOutput, aggregation_weight, check_fused_args, chunk_spec
+from ._fused_linear import (
+    FusedArgs,
+    FusedLinearOutput,
+    aggregation_weight,
+    check_fused_args,
+    chunk_spec,
+    objective_options,
+)
 from ._lib import checks
 from ._torch_namespace import namespace as _xp
 
@@ -119,6 +126,27 @@ def _loss_and_metrics(logp: torch.Tensor, arrays: Any, spec: LossSpec) -> tuple[
     return loss, stacked
 
 
+def _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs) -> tuple[Any, ...]:
+    """``(loss, logp, entropy, stacked metrics, grad_hidden (flat), grad_weight, grad_bias)``.
+
+    An autocast region is switched off here: the matmuls run in the inputs' dtype, as documented, and the
+    in-place accumulation of the weight gradient needs operands of one dtype.
+    """
+    device = hidden.device.type
+    region = torch.autocast(device_type=device, enabled=False) if device in _AUTOCAST else contextlib.nullcontext()
+    with region:
+        core = _core_arrays(arrays, args, _logp_dtype(hidden)) if any(needs) else None
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets.reshape(-1).long(), core, args, with_entropy, needs)
+        logp = logp.reshape(arrays.old_logp.shape)
+        entropy = None if entropy is None else entropy.reshape(arrays.old_logp.shape)
+        loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
+    return loss, logp, entropy, stacked, gh, gw, gb
+
+
+_AUTOCAST = ("cpu", "cuda", "xpu", "mps")
+
+
 class _FusedLinear(torch.autograd.Function):
     """Outputs ``(loss, logp, entropy, metrics, grad_hidden, grad_weight, grad_bias)``: the last three are
     what backward scales by the upstream gradient (outputs, because ``setup_context`` sees only inputs and
@@ -127,15 +155,11 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator, static):
         args, with_entropy, needs = static
-        arrays = _Arrays(None, old_logp, advantages, mask, behavior_weights, denominator)
-        core = _core_arrays(arrays, args, _logp_dtype(hidden))
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets.reshape(-1).long(), core, args, with_entropy, needs)
-        logp = logp.reshape(old_logp.shape)
-        loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
+        arrays = LossArrays(None, old_logp, advantages, mask, behavior_weights, denominator)
+        loss, logp, entropy, stacked, gh, gw, gb = _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs)
         # Absent outputs are distinct empty tensors: one tensor returned twice confuses torch.compile.
         gh = logp.new_zeros(0) if gh is None else gh.reshape(hidden.shape)
-        entropy = logp.new_zeros(0) if entropy is None else entropy.reshape(old_logp.shape)
+        entropy = logp.new_zeros(0) if entropy is None else entropy
         gw = logp.new_zeros(0) if gw is None else gw
         gb = logp.new_zeros(0) if gb is None else gb
         return loss, logp, entropy, stacked, gh, gw, gb
@@ -170,15 +194,6 @@ class _FusedLinear(torch.autograd.Function):
 
 
 _FusedLinear.forward.__signature__ = inspect.signature(_FusedLinear.forward)
-
-
-class _Arrays(NamedTuple):
-    logp: Any
-    old_logp: Any
-    advantages: Any
-    mask: Any
-    behavior_weights: Any
-    denominator: Any
 
 
 def fused_linear_loss(
@@ -310,11 +325,7 @@ def fused_linear_loss(
         loss, logp, entropy, stacked = out[:4]
     else:
         with torch.no_grad():
-            h2 = hidden.reshape(-1, hidden.shape[-1])
-            logp, entropy, *_ = _chunks(h2, weight, bias, target_ids.reshape(-1).long(), None, args, with_entropy, needs)
-            logp = logp.reshape(old_logp.shape)
-            entropy = None if entropy is None else entropy.reshape(old_logp.shape)
-            loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
+            loss, logp, entropy, stacked, *_ = _compute(hidden, weight, bias, target_ids, arrays, args, with_entropy, needs)
     metrics = dict(zip(METRIC_NAMES, stacked.unbind(0))) if args.spec.with_metrics else {}
     return FusedLinearOutput(loss, metrics, logp, entropy if with_entropy else None)
 
@@ -366,18 +377,7 @@ class FusedLinearLoss(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if not isinstance(objective, str) or objective not in OBJECTIVES:
-            valid = ", ".join(repr(k) for k in OBJECTIVES)
-            raise ValueError(f"`{name}`: `objective` must be one of {valid}; got {objective!r}")
-        defaults = dict(OBJECTIVES[objective].defaults)
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise TypeError(
-                f"`{name}`: unexpected option(s) {', '.join(unknown)} for objective={objective!r}; "
-                f"its options: {', '.join(defaults) or 'none'}"
-            )
-        full = {k: options.get(k, v) for k, v in defaults.items()}
-        self._options = _check_options(name, objective, full)
+        self._options = _check_options(name, objective, objective_options(name, objective, options))
         checks.check_choice(name, "agg", agg, AGG_MODES)
         self.objective = objective
         self.temperature = temperature

@@ -400,3 +400,34 @@ def test_second_backward_through_one_call_raises():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="fused_linear_loss.*twice"):
         out.loss.backward()
+
+
+def test_benchmark_script_runs_and_compares_like_with_like():
+    # benchmarks/fused_linear.py at its tiny configuration: every variant gives the same loss.
+    pytest.importorskip("jax")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "fused_linear.py")
+    variants = "torch-unfused,torch-fused-ppo,jax-unfused,jax-fused-ppo"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, script, "--config", "tiny", "--variants", variants, "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = {line.split()[-1] for line in result.stdout.splitlines() if " loss " in line and "XLA" not in line}
+    losses |= {line.split("loss")[1].split()[0] for line in result.stdout.splitlines() if "XLA" in line}
+    assert len(losses) == 1, result.stdout
+    assert "torch-fused-ppo / torch-unfused: time" in result.stdout
+    assert "failed" not in result.stdout, result.stdout
+
+
+def test_autocast_region_keeps_the_input_dtype():
+    hidden, weight, _, ids, old, adv, mask = data(seed=15, bias=False, dtype=torch.float32)
+    h1, w1 = leaves(hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gt.fused_linear_loss(h1, w1, ids, old, adv, mask)
+    out.loss.backward()
+    h2, w2 = leaves(hidden, weight)
+    ref = gt.fused_linear_loss(h2, w2, ids, old, adv, mask)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=0)
