@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -413,9 +414,8 @@ def test_benchmark_script_runs_and_compares_like_with_like():
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    losses = {line.split()[-1] for line in result.stdout.splitlines() if " loss " in line and "XLA" not in line}
-    losses |= {line.split("loss")[1].split()[0] for line in result.stdout.splitlines() if "XLA" in line}
-    assert len(losses) == 1, result.stdout
+    losses = re.findall(r" loss ([-+][0-9.]+)", result.stdout)
+    assert len(losses) == 4 and len(set(losses)) == 1, result.stdout
     assert "torch-fused-ppo / torch-unfused: time" in result.stdout
     assert "failed" not in result.stdout, result.stdout
 
