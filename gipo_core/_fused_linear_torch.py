@@ -244,8 +244,8 @@ def fused_linear_loss(
     temperature : float, default 1.0
         Sampling temperature: the logits are divided by it before the softmax (as the rollout engine did).
     chunk_size : int, optional
-        Tokens per chunk. Default: such that a chunk's logits are about the size of all the hidden states,
-        at most 1,024.
+        Tokens per chunk. Default: 1,024, halved while a chunk's float32 logits exceed 256 MiB (down to 128):
+        512 for a 128k vocabulary.
     agg, denominator, behavior_weights, with_metrics
         As in the array-level losses.
     with_entropy : bool, default False
