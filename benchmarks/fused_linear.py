@@ -230,7 +230,10 @@ def _jax_setup(cfg: dict, variant: str):
     analysis = step.lower(hidden, weight).compile().memory_analysis()
     extra = {}
     if analysis is not None:
-        extra = {"xla_temp_bytes": int(analysis.temp_size_in_bytes), "xla_output_bytes": int(analysis.output_size_in_bytes)}
+        extra = {
+            "xla_temp_bytes": int(analysis.temp_size_in_bytes),
+            "xla_output_bytes": int(analysis.output_size_in_bytes),
+        }
 
     def run():
         return step(hidden, weight)
@@ -341,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak memory {_ratio(results, num, den, 'peak_bytes')}"
             )
     if "jax-fused-ppo" in results and "jax-unfused" in results:
-        print(f"  jax-fused-ppo / jax-unfused: XLA temporaries {_ratio(results, 'jax-fused-ppo', 'jax-unfused', 'xla_temp_bytes')}")
+        xla = _ratio(results, "jax-fused-ppo", "jax-unfused", "xla_temp_bytes")
+        print(f"  jax-fused-ppo / jax-unfused: XLA temporaries {xla}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, **cfg, "results": results}, f, indent=2)

@@ -35,15 +35,22 @@ from ._core.engine import LossSpec, forward
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 
-__all__ = ["FusedArgs", "FusedLinearOutput", "check_fused_args", "aggregation_weight", "chunk_spec", "objective_options",
-           "resolve_chunk_size"]
+__all__ = [
+    "FusedArgs",
+    "FusedLinearOutput",
+    "check_fused_args",
+    "aggregation_weight",
+    "chunk_spec",
+    "objective_options",
+    "resolve_chunk_size",
+]
 
 #: ``chunk_size=None``: the largest power of two of tokens, at most ``DEFAULT_MAX_CHUNK`` and at least
 #: ``DEFAULT_MIN_CHUNK``, whose float32 logits fit in ``DEFAULT_CHUNK_BYTES``. Small chunks cost time: every
 #: chunk reads and writes the whole weight gradient once (its accumulation is a matmul with the chunk's
-#: tokens as the inner dimension), so 128-token chunks were 1.5x slower than 512-1,024-token ones at
-#: hidden 1,024 x vocab 32,768 on a CPU.
-DEFAULT_MAX_CHUNK = 1024
+#: tokens as the inner dimension): 128-token chunks were 1.5x slower than 512-token ones at hidden 1,024 x
+#: vocab 32,768 on a CPU, and 1,024-token ones no faster.
+DEFAULT_MAX_CHUNK = 512
 DEFAULT_MIN_CHUNK = 128
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 

@@ -192,7 +192,7 @@ def fused_linear_loss(
     temperature : float, default 1.0
         The logits are divided by it before the softmax.
     chunk_size : int, optional
-        Tokens per chunk (default: 1,024, halved while a chunk's float32 logits exceed 256 MiB, down to 128).
+        Tokens per chunk (default: 512, halved while a chunk's float32 logits exceed 256 MiB, down to 128).
     with_entropy : bool, default False
         Also return each token's entropy from the same pass.
     **options

@@ -137,7 +137,8 @@ def _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs) -
     with region:
         core = _core_arrays(arrays, args, _logp_dtype(hidden)) if any(needs) else None
         h2 = hidden.reshape(-1, hidden.shape[-1])
-        logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets.reshape(-1).long(), core, args, with_entropy, needs)
+        targets = targets.reshape(-1).long()
+        logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets, core, args, with_entropy, needs)
         logp = logp.reshape(arrays.old_logp.shape)
         entropy = None if entropy is None else entropy.reshape(arrays.old_logp.shape)
         loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
@@ -156,7 +157,8 @@ class _FusedLinear(torch.autograd.Function):
     def forward(hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator, static):
         args, with_entropy, needs = static
         arrays = LossArrays(None, old_logp, advantages, mask, behavior_weights, denominator)
-        loss, logp, entropy, stacked, gh, gw, gb = _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs)
+        out = _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs)
+        loss, logp, entropy, stacked, gh, gw, gb = out
         # Absent outputs are distinct empty tensors: one tensor returned twice confuses torch.compile.
         gh = logp.new_zeros(0) if gh is None else gh.reshape(hidden.shape)
         entropy = logp.new_zeros(0) if entropy is None else entropy
@@ -244,8 +246,7 @@ def fused_linear_loss(
     temperature : float, default 1.0
         Sampling temperature: the logits are divided by it before the softmax (as the rollout engine did).
     chunk_size : int, optional
-        Tokens per chunk. Default: 1,024, halved while a chunk's float32 logits exceed 256 MiB (down to 128):
-        512 for a 128k vocabulary.
+        Tokens per chunk. Default: 512, halved while a chunk's float32 logits exceed 256 MiB (down to 128).
     agg, denominator, behavior_weights, with_metrics
         As in the array-level losses.
     with_entropy : bool, default False
@@ -325,7 +326,8 @@ def fused_linear_loss(
         loss, logp, entropy, stacked = out[:4]
     else:
         with torch.no_grad():
-            loss, logp, entropy, stacked, *_ = _compute(hidden, weight, bias, target_ids, arrays, args, with_entropy, needs)
+            out = _compute(hidden, weight, bias, target_ids, arrays, args, with_entropy, needs)
+            loss, logp, entropy, stacked = out[:4]
     metrics = dict(zip(METRIC_NAMES, stacked.unbind(0))) if args.spec.with_metrics else {}
     return FusedLinearOutput(loss, metrics, logp, entropy if with_entropy else None)
 
@@ -437,8 +439,8 @@ class FusedLinearGIPOLoss(FusedLinearLoss):
     --------
     >>> import torch
     >>> from gipo_core.torch import FusedLinearGIPOLoss
-    >>> FusedLinearGIPOLoss(sigma=0.5)
-    FusedLinearGIPOLoss(objective='gipo', sigma=0.5, sigma_neg=None, kernel='gaussian', agg='token-mean', temperature=1.0)
+    >>> FusedLinearGIPOLoss(sigma=0.5).options
+    {'sigma': 0.5, 'sigma_neg': None, 'kernel': 'gaussian'}
     """
 
     def __init__(

@@ -34,7 +34,8 @@ def unfused(hidden, weight, ids, old_logp, adv, mask=None, *, objective="gipo", 
     wd = jnp.float64 if hidden.dtype == jnp.float64 else jnp.float32
     logprobs = jax.nn.log_softmax(logits.astype(wd), -1)
     logp = jnp.take_along_axis(logprobs, ids[..., None], -1)[..., 0]
-    return getattr(gj, f"{objective}_loss")(logp, old_logp, adv, mask, **kw), logp, -(jnp.exp(logprobs) * logprobs).sum(-1)
+    entropy = -(jnp.exp(logprobs) * logprobs).sum(-1)
+    return getattr(gj, f"{objective}_loss")(logp, old_logp, adv, mask, **kw), logp, entropy
 
 
 def data(b=3, t=7, h=8, v=37, seed=0, dtype=np.float64):
@@ -91,7 +92,12 @@ def test_objectives_and_aggregations_match_unfused_in_float64(objective, agg):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"denominator": 11.0}, {"behavior_weights": True}, {"float_mask": True}, {"no_mask": True, "agg": "seq-mean-token-mean"}],
+    [
+        {"denominator": 11.0},
+        {"behavior_weights": True},
+        {"float_mask": True},
+        {"no_mask": True, "agg": "seq-mean-token-mean"},
+    ],
     ids=["denominator", "behavior-weights", "float-mask", "no-mask"],
 )
 def test_options_match_unfused(kwargs):
@@ -118,7 +124,8 @@ def test_low_precision_within_the_unfused_float32_tolerance():
     hidden, weight, _, ids, old, adv, mask = data(b=4, t=16, h=32, v=300, seed=4)
     old, adv = old.astype(np.float32), adv.astype(np.float32)
     with jax.enable_x64(True):
-        truth_fn = lambda h, w: unfused(h, w, ids, old.astype(np.float64), adv.astype(np.float64), mask)[0].loss  # noqa: E731
+        old64, adv64 = old.astype(np.float64), adv.astype(np.float64)
+        truth_fn = lambda h, w: unfused(h, w, ids, old64, adv64, mask)[0].loss  # noqa: E731
         truth, truth_g = jax.jit(jax.value_and_grad(truth_fn, argnums=(0, 1)))(jnp.asarray(hidden), jnp.asarray(weight))
         truth, truth_g = float(truth), [np.asarray(x) for x in truth_g]
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, None)):
@@ -158,7 +165,9 @@ def test_extreme_logits_stay_finite():
 
 def test_eager_numpy_inputs_and_chunking():
     hidden, weight, bias, ids, old, adv, mask = data(dtype=np.float32, seed=6)
-    results = [gj.fused_linear_loss(hidden, weight, ids, old, adv, mask, bias=bias, chunk_size=c) for c in (None, 2, 100)]
+    results = [
+        gj.fused_linear_loss(hidden, weight, ids, old, adv, mask, bias=bias, chunk_size=c) for c in (None, 2, 100)
+    ]
     for out in results[1:]:
         np.testing.assert_allclose(out.loss, results[0].loss, rtol=1e-6)
         np.testing.assert_allclose(out.logp, results[0].logp, rtol=1e-6)
@@ -195,13 +204,15 @@ def test_bad_arguments_raise_clear_errors():
     call = gj.fused_linear_loss
     cases = [
         (ValueError, "`weight` must have shape \\(vocab, hidden_dim\\)", lambda: call(hidden, weight.T, ids, old, adv)),
-        (TypeError, "`weight` has dtype bfloat16", lambda: call(hidden, jnp.asarray(weight, jnp.bfloat16), ids, old, adv)),
+        (TypeError, "`weight` has dtype bfloat16",
+         lambda: call(hidden, jnp.asarray(weight, jnp.bfloat16), ids, old, adv)),
         (TypeError, "`target_ids` must have an integer dtype", lambda: call(hidden, weight, ids * 1.0, old, adv)),
         (ValueError, "`old_logp` has shape \\(3,\\)", lambda: call(hidden, weight, ids, old[:, 0], adv)),
         (ValueError, "`objective` must be one of", lambda: call(hidden, weight, ids, old, adv, objective="grpo")),
         (TypeError, "unexpected option\\(s\\) clip_max for objective='gipo'",
          lambda: call(hidden, weight, ids, old, adv, clip_max=2.0)),
-        (ValueError, "`temperature` must be a finite number > 0", lambda: call(hidden, weight, ids, old, adv, temperature=-1.0)),
+        (ValueError, "`temperature` must be a finite number > 0",
+         lambda: call(hidden, weight, ids, old, adv, temperature=-1.0)),
     ]
     for exc, message, fn in cases:
         with pytest.raises(exc, match="fused_linear_loss.*" + message):
@@ -249,6 +260,8 @@ def test_weight_sharded_along_the_vocabulary_over_eight_devices():
     # The flag must be set before JAX initialises, hence a fresh process.
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok")

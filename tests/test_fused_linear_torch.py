@@ -321,7 +321,8 @@ def test_bad_arguments_raise_clear_errors():
         (ValueError, "`agg` must be one of", lambda: call(hidden, weight, ids, old, adv, agg="mean")),
         (ValueError, "`hidden` must have shape \\(..., time, hidden_dim\\)",
          lambda: call(hidden[0, 0], weight, ids, old, adv)),
-        (TypeError, "`with_entropy` must be True or False", lambda: call(hidden, weight, ids, old, adv, with_entropy=1)),
+        (TypeError, "`with_entropy` must be True or False",
+         lambda: call(hidden, weight, ids, old, adv, with_entropy=1)),
     ]
     for exc, message, fn in cases:
         with pytest.raises(exc, match="fused_linear_loss.*" + message if "fused" not in message else message):
