@@ -92,7 +92,7 @@ def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool):
     if not grads:
         return logp, entropy, None, None, None
     gh = ys[2].reshape(-1, dim)[:n]
-    gw, gb = carry
+    gw, gb = carry  # type: ignore[misc]  # the (gw, gb) carry when grads
     return logp, entropy, gh, gw.astype(weight.dtype), None if gb is None else gb.astype(bias.dtype)
 
 

@@ -78,7 +78,7 @@ def _chunks(
         total = z.sum(1, keepdim=True)
         log_total = total.log()
         logp[start:stop] = (target_logit - top - log_total).squeeze(1)
-        if with_entropy:
+        if entropy is not None and shifted is not None:
             # H = log S - sum(e * s) / S with s the shifted logits and e = exp(s), S = sum(e): no second exp.
             dot = torch.bmm(z.unsqueeze(1), shifted.unsqueeze(2)).reshape(-1, 1)
             entropy[start:stop] = (log_total - dot / total).squeeze(1)
