@@ -432,3 +432,15 @@ def test_autocast_region_keeps_the_input_dtype():
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=0)
+
+
+def test_readme_examples_of_the_fused_section_run():
+    # The README's "LLM scale: fused linear loss" section: its python blocks run as written.
+    pytest.importorskip("jax")
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## LLM scale: fused linear loss"):]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
