@@ -276,3 +276,8 @@ class SAPOLoss(_LossFn):
 class CISPOLoss(_LossFn):
     _objective: ClassVar[str] = "cispo"
     clip_max: float = 5.0
+
+
+from ._fused_linear_jax import FusedLinearOutput, fused_linear_loss  # noqa: E402
+
+__all__ += ["fused_linear_loss", "FusedLinearOutput"]

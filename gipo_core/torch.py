@@ -371,3 +371,8 @@ class CISPOLoss(_PolicyLoss):
 
     def __init__(self, clip_max: float = 5.0, *, agg: str = "token-mean", with_metrics: bool = True) -> None:
         super().__init__(agg=agg, with_metrics=with_metrics, clip_max=clip_max)
+
+
+from ._fused_linear_torch import FusedLinearGIPOLoss, FusedLinearLoss, FusedLinearOutput, fused_linear_loss  # noqa: E402
+
+__all__ += ["fused_linear_loss", "FusedLinearLoss", "FusedLinearGIPOLoss", "FusedLinearOutput"]
