@@ -40,6 +40,7 @@ class LossArrays(NamedTuple):
     mask: Any
     behavior_weights: Any
     denominator: Any
+    rollout_logp: Any = None
 
 
 def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, Any], ...]:
@@ -60,9 +61,45 @@ def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, A
         checks.check_positive(fn, "tau_neg", options["tau_neg"])
     elif objective == "cispo":
         checks.check_positive(fn, "clip_max", options["clip_max"])
+        if options["clip_min"] is not None:
+            checks.check_positive(fn, "clip_min", options["clip_min"])
+            if options["clip_min"] >= options["clip_max"]:
+                raise ValueError(
+                    f"`{fn}`: `clip_min` must be < `clip_max` ({options['clip_max']!r}); got {options['clip_min']!r}"
+                )
     return tuple(
         (k, float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in options.items()
     )
+
+
+RATIO_LEVELS = ("token", "sequence")
+ROLLOUT_IS_MODES = ("token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask")
+
+#: Off-policy options common to every objective, with their defaults.
+OFF_POLICY_DEFAULTS = {"ratio_level": "token", "rollout_is": None, "rollout_is_bounds": None, "opsm_delta": None}
+
+
+def check_off_policy(fn: str, options: dict) -> dict:
+    """The off-policy options, checked and normalised (floats, a tuple of bounds)."""
+    out = dict(OFF_POLICY_DEFAULTS)
+    out.update(options)
+    checks.check_choice(fn, "ratio_level", out["ratio_level"], RATIO_LEVELS)
+    if out["rollout_is"] is not None:
+        checks.check_choice(fn, "rollout_is", out["rollout_is"], ROLLOUT_IS_MODES)
+    bounds = out["rollout_is_bounds"]
+    if bounds is not None:
+        try:
+            low, high = bounds
+        except (TypeError, ValueError):
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` must be None or a pair (low, high); got {bounds!r}") from None
+        low = checks.check_nonnegative(fn, "rollout_is_bounds[0]", low)
+        high = checks.check_positive(fn, "rollout_is_bounds[1]", high)
+        if not low < high:
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` must have low < high; got {bounds!r}")
+        out["rollout_is_bounds"] = (low, high)
+    if out["opsm_delta"] is not None:
+        out["opsm_delta"] = checks.check_finite(fn, "opsm_delta", out["opsm_delta"])
+    return out
 
 
 def prepare(
@@ -77,12 +114,14 @@ def prepare(
     agg: str,
     with_metrics: bool,
     options: dict,
+    rollout_logp: Any = None,
+    off_policy: dict | None = None,
 ) -> tuple[LossArrays, LossSpec, Any]:
     """Check every argument from shapes, dtypes, devices and options alone; build the static spec."""
     for name, value in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         if value is None:
             raise TypeError(f"`{fn}`: `{name}` is required; got None")
-    xp = array_namespace(logp, old_logp, advantages, mask, behavior_weights, fn=fn)
+    xp = array_namespace(logp, old_logp, advantages, mask, behavior_weights, rollout_logp, fn=fn)
     if not hasattr(denominator, "shape") and denominator is not None and not isinstance(denominator, (int, float)):
         raise TypeError(
             f"`{fn}`: `denominator` must be None, a number > 0 or a 0-d array; got {type(denominator).__name__}"
@@ -95,6 +134,9 @@ def prepare(
     for name, value in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         checks.check_floating(fn, name, value, xp)
     checks.check_same_shape(fn, "old_logp", old_logp, ref_shape)
+    if rollout_logp is not None:
+        checks.check_floating(fn, "rollout_logp", rollout_logp, xp)
+        checks.check_same_shape(fn, "rollout_logp", rollout_logp, ref_shape)
     checks.check_advantages_shape(fn, advantages, ref_shape)
     if mask is not None:
         checks.check_mask(fn, mask, ref_shape, xp)
@@ -106,6 +148,7 @@ def prepare(
         ("advantages", advantages),
         ("mask", mask),
         ("behavior_weights", behavior_weights),
+        ("rollout_logp", rollout_logp),
     ):
         if value is not None:
             checks.check_same_device(fn, name, value, logp)
@@ -119,9 +162,16 @@ def prepare(
         agg=agg,
         denominator=denom if isinstance(denom, float) else None,
         with_metrics=with_metrics,
+        **check_off_policy(fn, off_policy or {}),
     )
     arrays = LossArrays(
-        logp, old_logp, advantages, mask, behavior_weights, None if isinstance(denom, float) or denom is None else denom
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        behavior_weights,
+        None if isinstance(denom, float) or denom is None else denom,
+        rollout_logp,
     )
     return arrays, spec, xp
 
@@ -190,6 +240,7 @@ _OPTION_DOCS = {
     "tau_pos": "tau_pos : float, default 1.0\n    Gate temperature where A > 0.\n",
     "tau_neg": "tau_neg : float, default 1.05\n    Gate temperature where A <= 0.\n",
     "clip_max": "clip_max : float, default 5.0\n    Upper bound on the detached importance ratio.\n",
+    "clip_min": "clip_min : float, optional\n    Lower bound on the detached importance ratio (default: none).\n",
 }
 
 
@@ -216,6 +267,8 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
             kwargs.get("agg", "token-mean"),
             kwargs.get("with_metrics", True),
             options,
+            kwargs.get("rollout_logp"),
+            {k: kwargs[k] for k in OFF_POLICY_DEFAULTS if k in kwargs},
         )
         return run(arrays, spec, xp)
 
@@ -227,8 +280,10 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
         inspect.Parameter("agg", inspect.Parameter.KEYWORD_ONLY, default="token-mean"),
         inspect.Parameter("denominator", inspect.Parameter.KEYWORD_ONLY, default=None),
         inspect.Parameter("behavior_weights", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("with_metrics", inspect.Parameter.KEYWORD_ONLY, default=True),
+        inspect.Parameter("rollout_logp", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
+    keyword += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in OFF_POLICY_DEFAULTS.items()]
+    keyword += [inspect.Parameter("with_metrics", inspect.Parameter.KEYWORD_ONLY, default=True)]
     loss_fn.__signature__ = inspect.Signature(positional + keyword, return_annotation="LossOutput")
     loss_fn.__name__ = loss_fn.__qualname__ = fn_name
     loss_fn.__module__ = module
@@ -242,7 +297,7 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
     return loss_fn
 
 
-_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics"})
+_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics", "rollout_logp", *OFF_POLICY_DEFAULTS})
 
 
 def _make_trust_weight(module: str) -> Callable:

@@ -140,8 +140,8 @@ def _plain(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
 
 
 def _compile(spec: LossSpec) -> Callable[..., Any]:
-    def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator):
-        return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator), spec)
+    def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
+        return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp), spec)
 
     # A code object of its own per option set: dynamo keeps compiled entries per code object and stops
     # recompiling after a few (the recompile limit), and ``spec`` differs only in the closure.

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, make_api
+from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, check_off_policy, make_api
 from ._core.engine import LossSpec, backward
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
@@ -87,7 +87,7 @@ class _LossFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec):
+    def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, spec):
         device = logp.device.type
         # The core casts to float32 itself, but an autocast region may list ops it uses (exp, sum): turning
         # autocast off keeps the work dtype the core's choice on every device. Not while compiling: older
@@ -102,7 +102,7 @@ class _LossFunction(torch.autograd.Function):
         else:
             region = contextlib.nullcontext()
         with region:
-            arrays = (logp, old_logp, advantages, mask, behavior_weights, denominator)
+            arrays = (logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
             loss, saved, stacked = core_forward(arrays, spec)
         return (loss, saved) if stacked is None else (loss, saved, stacked)
 
@@ -113,7 +113,7 @@ class _LossFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
         ctx.dtype = inputs[0].dtype
-        ctx.fn = OBJECTIVES[inputs[6].objective].public_name
+        ctx.fn = OBJECTIVES[inputs[-1].objective].public_name
 
     @staticmethod
     def backward(ctx, grad_loss, grad_saved, *grad_metrics):  # noqa: ARG004
@@ -127,7 +127,7 @@ class _LossFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and grad_loss is not None:
             (saved,) = ctx.saved_tensors
             grad_logp = backward(grad_loss, saved, dtype=ctx.dtype, xp=_xp)
-        return grad_logp, None, None, None, None, None, None
+        return grad_logp, None, None, None, None, None, None, None
 
 
 # autograd.Function.apply binds its arguments to ``forward``'s signature on every call (the setup_context
@@ -164,13 +164,26 @@ class _PolicyLoss(nn.Module):
 
     _objective = ""
 
-    def __init__(self, *, agg: str, with_metrics: bool, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        agg: str,
+        with_metrics: bool,
+        ratio_level: str = "token",
+        rollout_is: str | None = None,
+        rollout_is_bounds: tuple[float, float] | None = None,
+        opsm_delta: float | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         checks.check_choice(name, "agg", agg, AGG_MODES)
         if not isinstance(with_metrics, bool):
             raise TypeError(f"`{name}`: `with_metrics` must be True or False; got {with_metrics!r}")
         _check_options(name, self._objective, options)
+        self._off_policy = _Options(tuple(check_off_policy(name, dict(
+            ratio_level=ratio_level, rollout_is=rollout_is, rollout_is_bounds=rollout_is_bounds, opsm_delta=opsm_delta
+        )).items()))
         # Held in a frozen dataclass: torch.compile(dynamic=True) treats its floats as constants, whereas
         # float attributes (or dict entries) of a module become symbolic inputs that the checks cannot read.
         self._options = _Options(tuple(options.items()))
@@ -187,6 +200,7 @@ class _PolicyLoss(nn.Module):
         *,
         denominator: float | torch.Tensor | None = None,
         behavior_weights: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
     ) -> LossOutput:
         """The loss of one batch: ``LossOutput(loss, metrics)``.
 
@@ -220,8 +234,10 @@ class _PolicyLoss(nn.Module):
             agg=self.agg,
             denominator=denominator,
             behavior_weights=behavior_weights,
+            rollout_logp=rollout_logp,
             with_metrics=self.with_metrics,
             **dict(self._options.items),
+            **dict(self._off_policy.items),
         )
 
     @property
@@ -285,8 +301,11 @@ class GIPOLoss(_PolicyLoss):
         *,
         agg: str = "token-mean",
         with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, sigma=sigma, sigma_neg=sigma_neg, kernel=kernel)
+        super().__init__(
+            agg=agg, with_metrics=with_metrics, sigma=sigma, sigma_neg=sigma_neg, kernel=kernel, **off_policy
+        )
 
 
 class PPOClipLoss(_PolicyLoss):
@@ -312,9 +331,11 @@ class PPOClipLoss(_PolicyLoss):
         *,
         agg: str = "token-mean",
         with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
         super().__init__(
-            agg=agg, with_metrics=with_metrics, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+            agg=agg, with_metrics=with_metrics, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            **off_policy,
         )
 
 
@@ -331,8 +352,8 @@ class NoClipLoss(_PolicyLoss):
 """,
     )
 
-    def __init__(self, *, agg: str = "token-mean", with_metrics: bool = True) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics)
+    def __init__(self, *, agg: str = "token-mean", with_metrics: bool = True, **off_policy: Any) -> None:
+        super().__init__(agg=agg, with_metrics=with_metrics, **off_policy)
 
 
 class SAPOLoss(_PolicyLoss):
@@ -350,9 +371,15 @@ class SAPOLoss(_PolicyLoss):
     )
 
     def __init__(
-        self, tau_pos: float = 1.0, tau_neg: float = 1.05, *, agg: str = "token-mean", with_metrics: bool = True
+        self,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        *,
+        agg: str = "token-mean",
+        with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, tau_pos=tau_pos, tau_neg=tau_neg)
+        super().__init__(agg=agg, with_metrics=with_metrics, tau_pos=tau_pos, tau_neg=tau_neg, **off_policy)
 
 
 class CISPOLoss(_PolicyLoss):
@@ -369,5 +396,13 @@ class CISPOLoss(_PolicyLoss):
 """,
     )
 
-    def __init__(self, clip_max: float = 5.0, *, agg: str = "token-mean", with_metrics: bool = True) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, clip_max=clip_max)
+    def __init__(
+        self,
+        clip_max: float = 5.0,
+        clip_min: float | None = None,
+        *,
+        agg: str = "token-mean",
+        with_metrics: bool = True,
+        **off_policy: Any,
+    ) -> None:
+        super().__init__(agg=agg, with_metrics=with_metrics, clip_max=clip_max, clip_min=clip_min, **off_policy)

@@ -260,7 +260,7 @@ OBJECTIVES: dict[str, Objective] = {
     "cispo": Objective(
         name="cispo",
         public_name="cispo_loss",
-        defaults=(("clip_max", 5.0),),
+        defaults=(("clip_max", 5.0), ("clip_min", None)),
         terms=_cispo_terms,
         weight=_cispo_weight,
         summary="CISPO loss: REINFORCE on logp weighted by the detached, clipped importance ratio.",
