@@ -96,6 +96,15 @@ class Backend:
     example: str = ""
 
 
+def first_order_only(fn: str, what: str) -> str:
+    """The message of every backend's refusal of second derivatives and forward mode."""
+    return (
+        f"`{fn}`: {what} is not supported: the gradient is computed in closed form with the method's "
+        "stop-gradients (GIPO's trust weight held constant) and is first-order, reverse-mode only; "
+        "differentiating the forward computation instead would silently give another derivative"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ checks
 
 #: The module that takes each array library's arrays (by the top-level module of the array's type).
@@ -191,7 +200,8 @@ def call(
         if value is not None:
             checks.check_same_device(fn, name, value, logp)
     if denominator is not None:
-        denominator = checks.check_denominator(fn, denominator, logp, xp)
+        # One element of any shape, as a 0-d array: a (1, 1, 1) denominator must not broadcast the gradient.
+        denominator = xp.reshape(checks.check_denominator(fn, denominator, logp, xp), ())
     arrays = LossArrays(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
     return backend.run(arrays, spec, xp)
 

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _typing
-from ._api import Backend, LossArrays, LossClass, LossOutput, make_api
+from ._api import Backend, LossArrays, LossClass, LossOutput, first_order_only, make_api
 from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.objectives import OBJECTIVES
 
 __all__ = ["LossOutput"]
 
@@ -75,7 +76,20 @@ def _loss_fwd(static: _Static, logp, old_logp, advantages, mask, behavior_weight
     loss, saved, metrics = forward(
         logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, spec=spec, xp=xp
     )
-    return (loss, metrics), saved
+    return (loss, metrics), _no_second_order(OBJECTIVES[spec.objective].public_name, saved)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _no_second_order(fn: str, saved):
+    """``saved`` itself. A first-order ``grad`` runs ``_loss_fwd`` on plain values; only a second
+    differentiation (``jax.hessian``, ``jax.jacrev``/``jacfwd`` of ``jax.grad``) traces it with tangents,
+    and then this rule raises instead of differentiating through the trust weight."""
+    return saved
+
+
+@_no_second_order.defjvp
+def _no_second_order_jvp(fn: str, primals, tangents):
+    raise NotImplementedError(first_order_only(fn, "a second derivative (jax.hessian, jax.jacrev or jax.jacfwd of jax.grad)"))
 
 
 def _loss_bwd(static: _Static, saved, cotangents):

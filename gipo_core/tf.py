@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import forwardprop_util  # no public way to see an active ForwardAccumulator
 
 from . import _typing
-from ._api import Backend, LossArrays, LossClass, LossOutput, make_api
+from ._api import Backend, LossArrays, LossClass, LossOutput, first_order_only, make_api
 from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.objectives import OBJECTIVES
 
 __all__ = ["LossOutput"]
 
@@ -58,6 +60,11 @@ TensorShape([1, 3])
 def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     # Reading a tf.Variable here is recorded by the caller's tape, so the gradient reaches the variable.
     logp = tf.convert_to_tensor(arrays.logp)
+    fn = OBJECTIVES[spec.objective].public_name
+    if tf.executing_eagerly() and forwardprop_util.pack_tangents([logp]).tangents:
+        # A ForwardAccumulator watches logp: it would push tangents through the forward ops (through the
+        # trust weight) or through a transposed backward, neither the closed form.
+        raise NotImplementedError(first_order_only(fn, "forward-mode differentiation (tf.autodiff.ForwardAccumulator)"))
     data = [None if a is None else tf.stop_gradient(a) for a in arrays[1:]]
     # Eagerly, compute where logp lives (TensorFlow would otherwise place the ops on a GPU if there is one);
     # in a graph, placement is the graph's.
@@ -69,6 +76,7 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     @tf.custom_gradient
     def loss_and_metrics(lp: tf.Tensor) -> tuple:
         loss, saved, metrics = forward(lp, *data, spec=spec, xp=xp)
+        saved = _no_second_order(saved, fn)
 
         def grad(grad_loss: Any, *_: Any) -> tf.Tensor:  # the diagnostics' upstream gradients are ignored
             with placed():
@@ -82,6 +90,20 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
         loss, *values = loss_and_metrics(logp)
     metrics = dict(zip(METRIC_NAMES, values)) if spec.with_metrics else {}
     return LossOutput(loss, metrics)
+
+
+def _no_second_order(saved: tf.Tensor, fn: str) -> tf.Tensor:
+    """``saved`` itself, with a gradient that raises: only a second differentiation (nested
+    ``GradientTape``s, a persistent tape's gradient of a gradient) ever asks for it."""
+
+    @tf.custom_gradient
+    def identity(x: tf.Tensor) -> tuple:
+        def grad(_: Any) -> tf.Tensor:
+            raise NotImplementedError(first_order_only(fn, "a second derivative (a gradient of the gradient)"))
+
+        return tf.identity(x), grad
+
+    return identity(saved)
 
 
 def _accepts(x: Any) -> bool:
