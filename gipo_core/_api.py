@@ -230,7 +230,9 @@ def loss_signature(objective: Objective) -> inspect.Signature:
 
 def class_signature(objective: Objective) -> inspect.Signature:
     """The signature of a loss class's constructor (without ``self``)."""
-    params = [_P(o.name, _P.POSITIONAL_OR_KEYWORD, default=o.default, annotation=o.annotation) for o in objective.options]
+    params = [
+        _P(o.name, _P.POSITIONAL_OR_KEYWORD, default=o.default, annotation=o.annotation) for o in objective.options
+    ]
     params += [_P(o.name, _P.KEYWORD_ONLY, default=o.default, annotation=o.annotation) for o in COMMON_OPTIONS]
     return inspect.Signature(params, return_annotation="None")
 
@@ -386,7 +388,9 @@ def _trust_weight_function(backend: Backend) -> Callable[..., Any]:
 
 def make_api(backend: Backend) -> dict[str, Callable[..., Any]]:
     """The public functions of one backend, keyed by name."""
-    api: dict[str, Callable[..., Any]] = {obj.public_name: _loss_function(key, backend) for key, obj in OBJECTIVES.items()}
+    api: dict[str, Callable[..., Any]] = {
+        obj.public_name: _loss_function(key, backend) for key, obj in OBJECTIVES.items()
+    }
     api["gaussian_trust_weight"] = _trust_weight_function(backend)
     return api
 

@@ -31,7 +31,12 @@ __all__ = ["AGG_MODES", "METRIC_NAMES", "LossSpec", "forward", "backward", "work
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 
 #: The off-policy options and their defaults (issue "off-policy"); any other value is not implemented yet.
-OFF_POLICY_DEFAULTS = (("ratio_level", "token"), ("rollout_is", None), ("rollout_is_bounds", None), ("opsm_delta", None))
+OFF_POLICY_DEFAULTS = (
+    ("ratio_level", "token"),
+    ("rollout_is", None),
+    ("rollout_is_bounds", None),
+    ("opsm_delta", None),
+)
 
 #: Diagnostics, in the order they are returned (see ``diagnostics`` for the definitions).
 METRIC_NAMES = (

@@ -68,11 +68,12 @@ POSITIONAL_ARRAYS = (
 CALL_ARRAYS = (
     (
         "denominator",
-        f"float or 0-d array, optional",
+        "float or one-element array, optional",
         "The global token count (token-mean), sequence count (seq-mean-*) or constant (...-sum-norm) to divide\n"
         "by instead of the local one, so that losses of shards of one batch (data-parallel ranks, gradient-\n"
         "accumulation micro-batches) add up exactly to the full-batch loss. A number must lie in\n"
-        f"[{DENOMINATOR_RANGE[0]:g}, {DENOMINATOR_RANGE[1]:g}]; an array (int or float, one element) is not read on the host.",
+        f"[{DENOMINATOR_RANGE[0]:g}, {DENOMINATOR_RANGE[1]:g}]; an array (int or float, one element, any shape) is\n"
+        "not read on the host.",
     ),
     (
         "behavior_weights",
