@@ -7,8 +7,8 @@ dtype. ``logp`` is the only input that receives a gradient; ``old_logp``, ``adva
 ``behavior_weights`` and ``denominator`` are data (their gradient is ``None``) and the diagnostics carry no
 gradient. The backward pass is one multiply of the upstream gradient with the single array the forward
 pass saved. A second derivative (nested ``GradientTape``s) and forward mode (``tf.autodiff.ForwardAccumulator``)
-raise ``NotImplementedError``. Arrays must be dense tensors or variables (NumPy arrays are converted);
-ragged and sparse tensors and other libraries' arrays are a ``TypeError``.
+raise ``NotImplementedError``. Arrays must be dense tensors or variables; ragged and sparse tensors and
+other libraries' arrays (NumPy included: pass ``tf.constant(x)``) are a ``TypeError``.
 
 The classes :class:`GIPOLoss`, :class:`PPOClipLoss`, :class:`NoClipLoss`, :class:`SAPOLoss` and
 :class:`CISPOLoss` are ``tf.Module`` objects holding the options, called as
@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import forwardprop_util  # no public way to see an active ForwardAccumulator
 
@@ -114,14 +113,7 @@ def _accepts(x: Any) -> bool:
     return isinstance(x, (tf.Tensor, tf.Variable))
 
 
-def _to_tf(x: Any) -> Any:
-    """NumPy arrays become tensors (as TensorFlow ops take them); anything else is left for the checks."""
-    return tf.convert_to_tensor(x) if isinstance(x, np.ndarray) else x
-
-
-_BACKEND = Backend(
-    __name__, _run, "dense tf.Tensor or tf.Variable (or NumPy array)", _accepts, convert=_to_tf, example=_EXAMPLE
-)
+_BACKEND = Backend(__name__, _run, "dense tf.Tensor or tf.Variable", _accepts, example=_EXAMPLE)
 _api = make_api(_BACKEND)
 
 
@@ -144,12 +136,17 @@ class _Base(tf.Module):
 (-0.166667, 6)
 """
 
+    # Plain Python: autograph has nothing to convert here (and converted copies of these small methods were
+    # seen to mix up their arguments inside tf.function).
+    @tf.autograph.experimental.do_not_convert
     def _init_framework(self) -> None:
         tf.Module.__init__(self)
 
+    @tf.autograph.experimental.do_not_convert
     def _set(self, name: str, value: Any) -> None:
         setattr(self, name, value)
 
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, *args: Any, **kwargs: Any) -> LossOutput:
         with self.name_scope:
             return LossClass.forward(self, *args, **kwargs)  # type: ignore[arg-type]

@@ -174,7 +174,7 @@ FOREIGN = {
     "jax": lambda x: jnp.asarray(np.asarray(x)),
     "tf": lambda x: tf.constant(np.asarray(x)),
 }
-TAKES = {"numpy": {"numpy", "strict"}, "torch": {"torch"}, "jax": {"jax", "numpy"}, "tf": {"tf", "numpy"}}
+TAKES = {"numpy": {"numpy", "strict"}, "torch": {"torch"}, "jax": {"jax", "numpy"}, "tf": {"tf"}}
 MODULE_OF = {"numpy": "gipo_core.numpy", "strict": "gipo_core.numpy", "torch": "gipo_core.torch",
              "jax": "gipo_core.jax", "tf": "gipo_core.tf"}
 

@@ -42,8 +42,10 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def restore_dispatch():
+def restore_dispatch(monkeypatch):
     before = gt.fused_settings()
+    # Each test builds kernels for new option sets and call signatures: room for them, whatever ran before.
+    monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 16)
     yield
     gt.set_fused(**before)
 
@@ -130,7 +132,7 @@ def test_behavior_weights_tensor_denominator_and_a_second_shape_reuse_the_kernel
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(grad, ref_grad)
     built = len(_torch_fused._kernels)
-    logp2, old2, adv2, m2 = make_batch((3, 7, 50), seed=4)
+    logp2, old2, adv2, m2 = make_batch((7, 50), seed=4)  # another shape, the same rank
     kw["behavior_weights"] = torch.ones(logp2.shape)
     ref2, ref_grad2 = run(gt.gipo_loss, logp2, old2, adv2, m2, mode="never", **kw)
     out2, grad2 = run(gt.gipo_loss, logp2, old2, adv2, m2, mode="always", **kw)
@@ -395,11 +397,11 @@ def test_a_denominator_that_changes_every_step_never_recompiles(monkeypatch):
     assert len(_torch_fused._kernels) == kernels
 
 
+@torch._dynamo.config.patch(recompile_limit=2)
 def test_call_signatures_of_one_option_set_each_compile_once_without_hitting_the_recompile_limit(monkeypatch):
     """Call signatures of one option set (mask None/bool/float, dtype, rank, behavior_weights) used to share
     one compiled function and exhaust dynamo's recompile limit (8; 2 here, to keep the test short), then warn
     that compiling failed: each signature is now a kernel of its own, compiled once."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 8)
     sigma = _fresh_sigma()
     logp, old, adv, m = make_batch(seed=22, mask="bool", plant_nan=False)

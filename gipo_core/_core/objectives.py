@@ -19,7 +19,7 @@ metrics are asked for.
 Only standard array-API calls are used, with no branching on array values, so the same code runs eagerly
 and under ``jax.jit``, ``torch.compile`` and ``tf.function(jit_compile=True)``. Functions used from ``xp``:
 ``exp, expm1, log, log1p, abs, where, maximum, minimum, ones_like, full_like, sum, max, min, astype,
-isdtype`` and the dtypes ``bool, float32, float64``.
+isdtype, reshape`` and the dtypes ``bool, float32, float64``.
 """
 
 from __future__ import annotations

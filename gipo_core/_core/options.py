@@ -65,10 +65,14 @@ def _fmt(x: float) -> str:
 Check = Callable[[str, str, Any], Any]
 
 
+class OptionValueError(TypeError, ValueError):
+    """An option that is not a number at all: a wrong type and a wrong value, catchable as either."""
+
+
 def as_number(fn: str, name: str, value: Any) -> float:
     """``value`` as a Python float: a Python or NumPy real number (not a bool, not an array)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or getattr(value, "ndim", 0) != 0:
-        raise TypeError(f"`{fn}`: `{name}` must be a real number; got {type(value).__name__} {value!r}")
+        raise OptionValueError(f"`{fn}`: `{name}` must be a real number; got {type(value).__name__} {value!r}")
     return float(value)
 
 
