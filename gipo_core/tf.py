@@ -6,7 +6,9 @@ policy: float16 and bfloat16 inputs are computed in float32 inside and their gra
 dtype. ``logp`` is the only input that receives a gradient; ``old_logp``, ``advantages``, ``mask``,
 ``behavior_weights`` and ``denominator`` are data (their gradient is ``None``) and the diagnostics carry no
 gradient. The backward pass is one multiply of the upstream gradient with the single array the forward
-pass saved.
+pass saved. A second derivative (nested ``GradientTape``s) and forward mode (``tf.autodiff.ForwardAccumulator``)
+raise ``NotImplementedError``. Arrays must be dense tensors or variables; ragged and sparse tensors and
+other libraries' arrays (NumPy included: pass ``tf.constant(x)``) are a ``TypeError``.
 
 The classes :class:`GIPOLoss`, :class:`PPOClipLoss`, :class:`NoClipLoss`, :class:`SAPOLoss` and
 :class:`CISPOLoss` are ``tf.Module`` objects holding the options, called as
@@ -30,30 +32,19 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import inspect
-from typing import Any, ClassVar
+from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.eager import forwardprop_util  # no public way to see an active ForwardAccumulator
 
-from ._api import _OPTION_DOCS, AGG_MODES, LossArrays, LossOutput, _check_options, make_api
+from . import _typing
+from ._api import Backend, LossArrays, LossClass, LossOutput, first_order_only, make_api
 from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
 from ._core.objectives import OBJECTIVES
-from ._lib import checks
 
-__all__ = [
-    "LossOutput",
-    "gipo_loss",
-    "ppo_clip_loss",
-    "no_clip_loss",
-    "sapo_loss",
-    "cispo_loss",
-    "gaussian_trust_weight",
-    "GIPOLoss",
-    "PPOClipLoss",
-    "NoClipLoss",
-    "SAPOLoss",
-    "CISPOLoss",
-]
+__all__ = ["LossOutput"]
+
+_Array = Any  # tf.Tensor, tf.Variable
 
 _EXAMPLE = """>>> import tensorflow as tf
 >>> from gipo_core.tf import {fn}
@@ -70,6 +61,12 @@ TensorShape([1, 3])
 def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     # Reading a tf.Variable here is recorded by the caller's tape, so the gradient reaches the variable.
     logp = tf.convert_to_tensor(arrays.logp)
+    fn = OBJECTIVES[spec.objective].public_name
+    if tf.executing_eagerly() and forwardprop_util.pack_tangents([logp]).tangents:
+        # A ForwardAccumulator watches logp: it would push tangents through the forward ops (through the
+        # trust weight) or through a transposed backward, neither the closed form.
+        what = "forward-mode differentiation (tf.autodiff.ForwardAccumulator)"
+        raise NotImplementedError(first_order_only(fn, what))
     data = [None if a is None else tf.stop_gradient(a) for a in arrays[1:]]
     # Eagerly, compute where logp lives (TensorFlow would otherwise place the ops on a GPU if there is one);
     # in a graph, placement is the graph's.
@@ -81,6 +78,7 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     @tf.custom_gradient
     def loss_and_metrics(lp: tf.Tensor) -> tuple:
         loss, saved, metrics = forward(lp, *data, spec=spec, xp=xp)
+        saved = _no_second_order(saved, fn)
 
         def grad(grad_loss: Any, *_: Any) -> tf.Tensor:  # the diagnostics' upstream gradients are ignored
             with placed():
@@ -96,118 +94,34 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-_api = make_api(_run, __name__, _EXAMPLE)
+def _no_second_order(saved: tf.Tensor, fn: str) -> tf.Tensor:
+    """``saved`` itself, with a gradient that raises: only a second differentiation (nested
+    ``GradientTape``s, a persistent tape's gradient of a gradient) ever asks for it."""
 
-gipo_loss = _api["gipo_loss"]
-ppo_clip_loss = _api["ppo_clip_loss"]
-no_clip_loss = _api["no_clip_loss"]
-sapo_loss = _api["sapo_loss"]
-cispo_loss = _api["cispo_loss"]
-gaussian_trust_weight = _api["gaussian_trust_weight"]
+    @tf.custom_gradient
+    def identity(x: tf.Tensor) -> tuple:
+        def grad(_: Any) -> tf.Tensor:
+            raise NotImplementedError(first_order_only(fn, "a second derivative (a gradient of the gradient)"))
 
+        return tf.identity(x), grad
 
-# ------------------------------------------------------------------------------------------------ classes
-
-
-class _LossModule(tf.Module):
-    """One objective's options in a ``tf.Module``, callable on tensors (subclasses set ``_objective``)."""
-
-    _objective: ClassVar[str]
-
-    def __init__(self, *args: Any, agg: str = "token-mean", with_metrics: bool = True, name: str | None = None,
-                 **kwargs: Any) -> None:
-        cls = type(self).__name__
-        objective = OBJECTIVES[self._objective]
-        signature = inspect.signature(type(self))
-        try:
-            bound = signature.bind(*args, agg=agg, with_metrics=with_metrics, name=name, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"`{cls}`: {exc}; the signature is {cls}{signature}") from None
-        bound.apply_defaults()
-        super().__init__(name=name)
-        checks.check_choice(cls, "agg", agg, AGG_MODES)
-        if not isinstance(with_metrics, bool):
-            raise TypeError(f"`{cls}`: `with_metrics` must be True or False; got {with_metrics!r}")
-        # Checked once, here, and kept as the functions see them (floats).
-        options = {k: bound.arguments[k] for k in objective.option_names}
-        self._options = dict(_check_options(cls, self._objective, options))
-        self._agg = agg
-        self._with_metrics = with_metrics
-        self._fn = _api[objective.public_name]
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The objective's options (no ``agg``, no ``with_metrics``), by name."""
-        return dict(self._options)
-
-    @property
-    def agg(self) -> str:
-        return self._agg
-
-    @property
-    def with_metrics(self) -> bool:
-        return self._with_metrics
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
-        sep = ", " if opts else ""
-        return f"{type(self).__name__}({opts}{sep}agg={self._agg!r}, with_metrics={self._with_metrics!r})"
-
-    def __call__(
-        self,
-        logp: Any,
-        old_logp: Any,
-        advantages: Any,
-        mask: Any = None,
-        *,
-        denominator: Any = None,
-        behavior_weights: Any = None,
-    ) -> LossOutput:
-        """``LossOutput(loss, metrics)`` for these tensors; see the matching function for shapes and math."""
-        with self.name_scope:
-            return self._fn(
-                logp,
-                old_logp,
-                advantages,
-                mask,
-                **self._options,
-                agg=self._agg,
-                denominator=denominator,
-                behavior_weights=behavior_weights,
-                with_metrics=self._with_metrics,
-            )
+    return identity(saved)
 
 
-_CLASS_DOC = """{summary}
+def _accepts(x: Any) -> bool:
+    # Dense tensors and variables; tf.RaggedTensor and tf.SparseTensor are refused (pad and pass a mask).
+    return isinstance(x, (tf.Tensor, tf.Variable))
 
-A ``tf.Module`` holding the options; calling it is ``{fn}(logp, old_logp, advantages, mask, **options,
-agg=..., with_metrics=..., denominator=denominator, behavior_weights=behavior_weights)``. It works eagerly,
-in ``tf.function`` (with or without ``jit_compile=True``) and in a Keras ``train_step``. The options are
-checked once, here.
 
-Parameters
-----------
-{options}agg : str, default 'token-mean'
-    Keyword-only; one of {agg}.
-with_metrics : bool, default True
-    Keyword-only; False returns an empty metrics dict and skips their computation.
-name : str, optional
-    Keyword-only; the module's name (its name scope in graphs).
+_BACKEND = Backend(__name__, _run, "dense tf.Tensor or tf.Variable", _accepts, example=_EXAMPLE)
+_api = make_api(_BACKEND)
 
-Raises
-------
-ValueError
-    An option that is not finite and positive, an unknown kernel or ``agg``.
-TypeError
-    An unknown keyword argument.
 
-See Also
---------
-{fn} : the function, with the shapes, the math and the diagnostics.
+class _Base(tf.Module):
+    """The ``tf.Module`` side of the loss classes (no variables; options fixed at construction)."""
 
-Examples
---------
->>> import tensorflow as tf
+    _backend = _BACKEND
+    _example = """>>> import tensorflow as tf
 >>> from gipo_core.tf import {cls}
 >>> loss_fn = {cls}()
 >>> logp = tf.zeros((2, 3)); adv = tf.ones((2, 1))
@@ -222,38 +136,64 @@ Examples
 (-0.166667, 6)
 """
 
+    # Plain Python: autograph has nothing to convert here (and converted copies of these small methods were
+    # seen to mix up their arguments inside tf.function).
+    @tf.autograph.experimental.do_not_convert
+    def _init_framework(self) -> None:
+        tf.Module.__init__(self)
 
-def _loss_class(name: str, objective_key: str) -> type:
-    """The ``tf.Module`` class of one objective, with its options in the constructor's signature."""
-    objective = OBJECTIVES[objective_key]
-    cls = type(name, (_LossModule,), {"_objective": objective_key, "__module__": __name__})
-    kind = inspect.Parameter
-    params = [kind("self", kind.POSITIONAL_OR_KEYWORD)]
-    params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in objective.defaults]
-    params += [
-        kind("agg", kind.KEYWORD_ONLY, default="token-mean"),
-        kind("with_metrics", kind.KEYWORD_ONLY, default=True),
-        kind("name", kind.KEYWORD_ONLY, default=None),
-    ]
+    @tf.autograph.experimental.do_not_convert
+    def _set(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the signature is set below
-        _LossModule.__init__(self, *args, **kwargs)
+    @tf.autograph.experimental.do_not_convert
+    def __call__(self, *args: Any, **kwargs: Any) -> LossOutput:
+        with self.name_scope:
+            return LossClass.forward(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    __init__.__signature__ = inspect.Signature(params)
-    __init__.__qualname__ = f"{name}.__init__"
-    cls.__init__ = __init__
-    cls.__doc__ = _CLASS_DOC.format(
-        summary=objective.summary,
-        fn=objective.public_name,
-        cls=name,
-        options="".join(_OPTION_DOCS[k] for k in objective.option_names),
-        agg=", ".join(repr(a) for a in AGG_MODES),
-    )
-    return cls
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"  # type: ignore[attr-defined]
 
 
-GIPOLoss = _loss_class("GIPOLoss", "gipo")
-PPOClipLoss = _loss_class("PPOClipLoss", "ppo_clip")
-NoClipLoss = _loss_class("NoClipLoss", "no_clip")
-SAPOLoss = _loss_class("SAPOLoss", "sapo")
-CISPOLoss = _loss_class("CISPOLoss", "cispo")
+# --- generated by `python -m gipo_core._codegen` from the registry: do not edit ---
+__all__ += [
+    "gipo_loss",
+    "ppo_clip_loss",
+    "no_clip_loss",
+    "sapo_loss",
+    "cispo_loss",
+    "gaussian_trust_weight",
+    "GIPOLoss",
+    "PPOClipLoss",
+    "NoClipLoss",
+    "SAPOLoss",
+    "CISPOLoss",
+]
+
+gipo_loss: _typing.GipoLossFunction[_Array] = _api["gipo_loss"]
+ppo_clip_loss: _typing.PpoClipLossFunction[_Array] = _api["ppo_clip_loss"]
+no_clip_loss: _typing.NoClipLossFunction[_Array] = _api["no_clip_loss"]
+sapo_loss: _typing.SapoLossFunction[_Array] = _api["sapo_loss"]
+cispo_loss: _typing.CispoLossFunction[_Array] = _api["cispo_loss"]
+gaussian_trust_weight: _typing.GaussianTrustWeightFunction[_Array] = _api["gaussian_trust_weight"]
+
+
+class GIPOLoss(_typing.GIPOLossInit[_Array], _Base):
+    pass
+
+
+class PPOClipLoss(_typing.PPOClipLossInit[_Array], _Base):
+    pass
+
+
+class NoClipLoss(_typing.NoClipLossInit[_Array], _Base):
+    pass
+
+
+class SAPOLoss(_typing.SAPOLossInit[_Array], _Base):
+    pass
+
+
+class CISPOLoss(_typing.CISPOLossInit[_Array], _Base):
+    pass
+# --- end of generated code ---

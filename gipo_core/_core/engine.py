@@ -28,7 +28,15 @@ from .objectives import OBJECTIVES
 
 __all__ = ["AGG_MODES", "METRIC_NAMES", "LossSpec", "forward", "backward", "work_dtype", "trust_weight"]
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
+
+#: The off-policy options and their defaults (issue "off-policy"); any other value is not implemented yet.
+OFF_POLICY_DEFAULTS = (
+    ("ratio_level", "token"),
+    ("rollout_is", None),
+    ("rollout_is_bounds", None),
+    ("opsm_delta", None),
+)
 
 #: Diagnostics, in the order they are returned (see ``diagnostics`` for the definitions).
 METRIC_NAMES = (
@@ -66,6 +74,10 @@ class LossSpec:
     agg: str = "token-mean"
     denominator: float | None = None
     with_metrics: bool = True
+    ratio_level: str = "token"
+    rollout_is: str | None = None
+    rollout_is_bounds: tuple[float, float] | None = None
+    opsm_delta: float | None = None
 
     @property
     def opts(self) -> dict[str, Any]:
@@ -144,6 +156,7 @@ def forward(
     mask: Any = None,
     behavior_weights: Any = None,
     denominator: Any = None,
+    rollout_logp: Any = None,
     /,
     *,
     spec: LossSpec,
@@ -154,6 +167,7 @@ def forward(
     Arguments are assumed checked (see ``gipo_core._api``); shapes: ``logp``, ``old_logp``, ``mask`` and
     ``behavior_weights`` share one shape ``(..., time)``; ``advantages`` has that shape or ``(..., 1)``.
     """
+    _not_implemented(spec, rollout_logp)
     objective = OBJECTIVES[spec.objective]
     opts = spec.opts
     wd = work_dtype(xp, logp, old_logp, advantages)
@@ -189,6 +203,18 @@ def forward(
         loss = xp.sum(coef * terms.loss)
     metrics = diagnostics(ell, adv, terms.mult, valid, spec, xp) if spec.with_metrics else {}
     return loss, saved, metrics
+
+
+def _not_implemented(spec: LossSpec, rollout_logp: Any) -> None:
+    for name, default in OFF_POLICY_DEFAULTS:
+        if getattr(spec, name) != default:
+            raise NotImplementedError(f"`{name}={getattr(spec, name)!r}` is not implemented yet")
+    if rollout_logp is not None:
+        raise NotImplementedError("`rollout_logp` is not implemented yet")
+    if spec.agg == "token-sum":
+        raise NotImplementedError("`agg='token-sum'` is not implemented yet")
+    if spec.opts.get("clip_min") is not None:
+        raise NotImplementedError("`clip_min` is not implemented yet")
 
 
 def backward(grad_loss: Any, saved: Any, /, *, dtype: Any, xp: Any) -> Any:

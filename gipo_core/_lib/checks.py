@@ -16,9 +16,7 @@ from typing import Any, Sequence
 from .namespace import device_of, same_device
 
 __all__ = [
-    "check_choice",
     "check_positive",
-    "check_greater_than",
     "check_denominator",
     "check_floating",
     "check_same_shape",
@@ -46,12 +44,6 @@ def _is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        valid = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"`{fn}`: `{name}` must be one of {valid}; got {value!r}")
-    return value
-
 
 def check_positive(fn: str, name: str, value: Any) -> float:
     """A finite, strictly positive Python number (sigma, tau, clip widths)."""
@@ -62,10 +54,7 @@ def check_positive(fn: str, name: str, value: Any) -> float:
     return float(value)
 
 
-def check_greater_than(fn: str, name: str, value: Any, bound: float) -> float:
-    if not _is_real_number(value) or not math.isfinite(float(value)) or float(value) <= bound:
-        raise ValueError(f"`{fn}`: `{name}` must be a finite number > {bound:g}; got {value!r}")
-    return float(value)
+
 
 
 def check_denominator(fn: str, value: Any, reference: Any, xp: Any) -> Any:
