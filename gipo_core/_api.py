@@ -60,6 +60,8 @@ def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, A
         checks.check_positive(fn, "tau_neg", options["tau_neg"])
     elif objective == "cispo":
         checks.check_positive(fn, "clip_max", options["clip_max"])
+        if options["clip_min"] is not None:
+            checks.check_positive(fn, "clip_min", options["clip_min"])
     return tuple(
         (k, float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in options.items()
     )
@@ -190,6 +192,7 @@ _OPTION_DOCS = {
     "tau_pos": "tau_pos : float, default 1.0\n    Gate temperature where A > 0.\n",
     "tau_neg": "tau_neg : float, default 1.05\n    Gate temperature where A <= 0.\n",
     "clip_max": "clip_max : float, default 5.0\n    Upper bound on the detached importance ratio.\n",
+    "clip_min": "clip_min : float, optional\n    Lower bound on the detached importance ratio (default: none).\n",
 }
 
 
