@@ -124,6 +124,10 @@ SUPERSEDED = {
         "gipo-batch-seq-mean-token-sum-norm-boolmask-nan-v2",
         "seq-mean-token-sum-norm divides by N_seq * T (verl's agg_loss since 2026), no longer by T alone",
     ),
+    "ppo-asym-ties": (
+        "ppo-asym-ties-v2",
+        "ppo_clip_frac of ppo_clip_loss is measured at the loss's own clip_low / clip_high, no longer at 0.2",
+    ),
     "gipo-batch-seq-mean-token-sum-norm-floatmask-bw-denom": (
         "gipo-batch-seq-mean-token-sum-norm-floatmask-bw-denom-v2",
         "the denominator of seq-mean-token-sum-norm is the whole N_seq * T (the stored case passed 7 as T)",
@@ -777,7 +781,102 @@ def golden_cases() -> list[dict]:
     empty["logp"][:] = np.nan
     for objective in ("gipo", "ppo_clip", "no_clip", "sapo", "cispo"):
         add(f"{objective}-all-masked", objective, {}, dict(empty, mask=np.zeros((2, 3), dtype=bool)))
+    _offpolicy_cases(add, planted, batch, mask, fmask, bw)
     return cases
+
+
+def _offpolicy_cases(add: Any, planted: dict, batch: dict, mask: np.ndarray, fmask: np.ndarray, bw: np.ndarray) -> None:
+    """Golden cases of the off-policy options and of the 2026 aggregation conventions (appended later)."""
+    # Replacements of superseded entries (see SUPERSEDED), then token-sum.
+    add("gipo-batch-seq-mean-token-sum-norm-boolmask-nan-v2", "gipo", {"sigma": 1.0, "sigma_neg": 0.5},
+        dict(planted, mask=mask), agg="seq-mean-token-sum-norm")
+    add("gipo-batch-seq-mean-token-sum-norm-floatmask-bw-denom-v2", "gipo", {"sigma": 0.5},
+        dict(batch, mask=fmask, behavior_weights=bw), agg="seq-mean-token-sum-norm", denominator=21.0)
+    add("ppo-asym-ties-v2", "ppo_clip", {"clip_low": 0.1, "clip_high": 0.28}, _ties(21, [0.9, 1.28], [1.0, -1.0]))
+    add("gipo-batch-token-sum-boolmask-nan", "gipo", {"sigma": 1.0, "sigma_neg": 0.5}, dict(planted, mask=mask),
+        agg="token-sum")
+    add("gipo-batch-token-sum-floatmask-bw-denom", "gipo", {"sigma": 0.5},
+        dict(batch, mask=fmask, behavior_weights=bw), agg="token-sum", denominator=7.0)
+    add("cispo-min0.8-ladder", "cispo", {"clip_min": 0.8}, _ladder_inputs(52, _ladder()))
+    add("ppo-dual-lower-ladder", "ppo_clip", {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 3.0},
+        _ladder_inputs(26, _ladder()[:15] + [math.log(2.5), math.log(3.5), -0.5]))
+    # Sequence level: a (5, 6) batch with per-sequence advantages, an empty row, NaN/inf under the mask, a row
+    # of hard token log-ratios (its mean is about 20), a row of small ones and one single-token row.
+    rng = np.random.default_rng(70)
+    seq = _batch_inputs(70, (5, 6), per_sequence=True, scale=0.3)
+    seq["old_logp"][0] = seq["logp"][0] - np.array([1e-4, 11.0, 89.0, -89.0, 60.0, -50.0])
+    seq["old_logp"][3] = seq["logp"][3] - rng.normal(0.0, 1e-3, 6)
+    smask = rng.uniform(size=(5, 6)) < 0.75
+    smask[0] = True
+    smask[2] = False
+    smask[4] = False
+    smask[4, 3] = True
+    splanted = {k: v.copy() for k, v in seq.items()}
+    splanted["logp"][~smask] = np.nan
+    splanted["old_logp"][1, ~smask[1]] = np.inf
+    seq_options = {
+        "gipo": [("s1", {"sigma": 1.0}), ("s0.5-sneg0.3", {"sigma": 0.5, "sigma_neg": 0.3}),
+                 ("laplace-s1", {"sigma": 1.0, "kernel": "laplace"})],
+        "ppo_clip": [("gspo", {"clip_low": 3e-4, "clip_high": 4e-4}), ("eps0.2-dual3", {"dual_clip": 3.0})],
+        "no_clip": [("plain", {})],
+        "sapo": [("default", {})],
+        "cispo": [("default", {}), ("min0.8", {"clip_min": 0.8})],
+    }
+    for objective, sets in seq_options.items():
+        for label, opts in sets:
+            for agg in ("seq-mean-token-mean", "token-mean"):
+                add(f"offpolicy-seq-{objective}-{label}-{agg}", objective, dict(opts, ratio_level="sequence"),
+                    dict(splanted, mask=smask), agg=agg)
+    # Rollout correction: r = old - rollout per token, some tokens far out (masked by token-mask), rows whose
+    # sums or means fall inside and outside each mode's default bounds.
+    ro = _batch_inputs(71, (5, 6), per_sequence=False, scale=0.3)
+    rr = np.random.default_rng(71).normal(0.0, 0.15, (5, 6))
+    rr[0, 2], rr[1, 4], rr[3, 0] = 2.5, -1.2, 0.9   # token weights e^2.5 = 12 and e^-1.2 = 0.3 leave [0.5, 5]
+    rr[2] = 0.0004                                    # geometric mean e^0.0004 inside (0.999, 1.001)
+    rr[4] = [0.02, -0.03, 0.01, 0.0, 0.015, -0.01]
+    ro["rollout_logp"] = ro["old_logp"] - rr
+    ro = {k: round_to(v, "bfloat16") for k, v in ro.items()}  # the same values in every dtype: no tie moves
+    rmask = np.ones((5, 6), dtype=bool)
+    rmask[1, 5] = False
+    rmask[4, 2:] = False
+    rplanted = {k: v.copy() for k, v in ro.items()}
+    rplanted["rollout_logp"][~rmask] = np.nan
+    for mode in ("token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"):
+        for objective, opts in (("gipo", {"sigma": 1.0}), ("ppo_clip", {"dual_clip": 3.0})):
+            add(f"offpolicy-rollout-{mode}-{objective}", objective, dict(opts, rollout_is=mode),
+                dict(rplanted, mask=rmask))
+    add("offpolicy-rollout-token-truncate-bounds-cispo", "cispo", {"rollout_is": "token-truncate",
+        "rollout_is_bounds": [0.8, 1.5]}, dict(rplanted, mask=rmask), agg="seq-mean-token-sum")
+    add("offpolicy-rollout-sequence-mask-bounds-sapo", "sapo", {"rollout_is": "sequence-mask",
+        "rollout_is_bounds": [0.3, 3.0]}, dict(rplanted, mask=rmask), agg="seq-mean-token-mean")
+    add("offpolicy-rollout-none-diagnostics-no_clip", "no_clip", {}, dict(rplanted, mask=rmask))
+    add("offpolicy-rollout-extreme-sequence-truncate-gipo", "gipo", {"rollout_is": "sequence-truncate"},
+        dict(ro, rollout_logp=ro["old_logp"] - 40.0))
+    add("offpolicy-rollout-extreme-sequence-mask-gipo", "gipo", {"rollout_is": "sequence-mask"},
+        dict(ro, rollout_logp=ro["old_logp"] + 40.0))
+    # OPSM: per-sequence advantages of both signs, behaviour-current gaps above and below delta = 0.1.
+    op = _batch_inputs(72, (6, 5), per_sequence=True, scale=0.05)
+    op["advantages"][:, 0] = [-1.0, -0.5, 0.7, 1.2, -0.8, -0.3]
+    gaps = np.array([0.3, 0.02, 0.4, 0.05, 0.25, -0.2])  # mean (old - logp) per row
+    op["old_logp"] = op["logp"] + gaps[:, None] + np.random.default_rng(72).normal(0.0, 0.01, (6, 5))
+    op = {k: round_to(v, "bfloat16") for k, v in op.items()}
+    omask = np.ones((6, 5), dtype=bool)
+    omask[5] = False
+    omask[0, 3:] = False
+    for objective, opts in (("gipo", {"sigma": 1.0}), ("ppo_clip", {}), ("cispo", {})):
+        add(f"offpolicy-opsm-{objective}", objective, dict(opts, opsm_delta=0.1), dict(op, mask=omask),
+            agg="seq-mean-token-mean")
+    op_ro = dict(op, rollout_logp=op["old_logp"] + 0.2, mask=omask)  # behaviour further away through rollout
+    add("offpolicy-opsm-rollout-gipo", "gipo", {"sigma": 1.0, "opsm_delta": 0.1}, op_ro)
+    add("offpolicy-opsm-rollout-token-mask-seq-gipo", "gipo", {"sigma": 1.0, "opsm_delta": 0.1,
+        "rollout_is": "token-mask", "ratio_level": "sequence"}, op_ro, agg="seq-mean-token-sum-norm")
+    # Everything masked, with every option on.
+    empty = {k: np.zeros((2, 3)) for k in ("logp", "old_logp", "advantages", "rollout_logp")}
+    empty["logp"][:] = np.nan
+    empty["rollout_logp"][:] = np.inf
+    for objective in ("gipo", "ppo_clip", "no_clip", "sapo", "cispo"):
+        add(f"offpolicy-all-masked-{objective}", objective, {"ratio_level": "sequence", "rollout_is": "sequence-mask",
+            "opsm_delta": 0.0}, dict(empty, mask=np.zeros((2, 3), dtype=bool)), agg="seq-mean-token-sum-norm")
 
 
 # ------------------------------------------------------------------------------------------ JSON
@@ -815,7 +914,7 @@ def golden_entry(case: dict) -> dict:
         res = evaluate(
             case["objective"], case["options"], case["agg"], inputs["logp"], inputs["old_logp"],
             inputs["advantages"], inputs.get("mask"), inputs.get("behavior_weights"), case.get("denominator"),
-            work_dtype(dtype),
+            work_dtype(dtype), inputs.get("rollout_logp"),
         )
         per_dtype[dtype] = {
             "inputs": {k: _jsonable(v) for k, v in inputs.items()},
@@ -856,6 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         drift = []
         for case in golden_cases():
+            if case["id"] in SUPERSEDED:
+                continue  # stored under the old convention on purpose; its replacement is checked
             if case["id"] in known and json.dumps(golden_entry(case)) != json.dumps(known[case["id"]]):
                 drift.append(case["id"])
         print("drift in: " + ", ".join(drift) if drift else f"{len(known)} stored cases reproduce exactly")
@@ -865,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to add ({len(known)} cases stored)")
         return 0
     stored["provenance"].append(dict(provenance(), added=[c["id"] for c in new]))
+    stored["superseded"] = {old: {"by": by, "reason": why} for old, (by, why) in SUPERSEDED.items()}
     stored["tolerances"] = TOLERANCES
     stored["cases"].extend(new)
     args.out.parent.mkdir(parents=True, exist_ok=True)
