@@ -10,8 +10,6 @@ import pytest
 from . import harness, registry
 from .registry import AGG_MODES, OPTION_SETS, PUBLIC, REGISTRY, Case, compare, rounded_inputs
 
-METRIC_NAMES = tuple(registry.oracle.METRICS)
-
 
 def _variants(mask: str, shape: str) -> list[Case]:
     """One case per objective (its first option set) and aggregation mode, with the given mask and shape."""
@@ -39,7 +37,7 @@ def test_empty_batch_gives_zeros(target, dtype, case) -> None:
     assert np.all(got["grad"] == 0.0), f"gradient {got['grad']}"
     bad = {k: float(v) for k, v in got["metrics"].items() if not v == 0.0}
     assert not bad, f"non-zero diagnostics on an empty batch: {bad}"
-    assert sorted(got["metrics"]) == sorted(METRIC_NAMES)
+    assert sorted(got["metrics"]) == sorted(registry.oracle.metric_names(case.objective, case.opts, case.rollout))
 
 
 def _masked_cases() -> list[Case]:
@@ -156,7 +154,14 @@ def test_no_nan_for_finite_inputs(target, dtype, case) -> None:
 
 
 def _shard_cases() -> list[Case]:
-    return [c for c in _variants("rows", "bt-perseq") if c.objective in ("gipo", "ppo_clip", "cispo")]
+    base = [c for c in _variants("rows", "bt-perseq") if c.objective in ("gipo", "ppo_clip", "cispo")]
+    off = []
+    for k, (objective, label, opts, rollout) in enumerate(registry.OFFPOLICY_SETS):
+        agg = AGG_MODES[k % len(AGG_MODES)]
+        cid = f"{objective}-{label}-{agg}-mask_rows-bt-perseq"
+        off.append(Case(objective, label, tuple(opts.items()), agg, "rows", "bt-perseq", "none", False, 600 + k, cid,
+                        rollout))
+    return base + off
 
 
 @pytest.mark.conformance(cases=_shard_cases, dtypes=("float32", "float64"))
@@ -167,7 +172,9 @@ def test_sharding_invariance(target, dtype, case) -> None:
     if case.agg == "token-mean":
         global_count = float(np.sum(mask))
     elif case.agg == "seq-mean-token-sum-norm":
-        global_count = float(mask.shape[-1])
+        global_count = float(np.sum(np.any(mask, axis=-1)) * mask.shape[-1])
+    elif case.agg == "token-sum":
+        global_count = None
     else:
         global_count = float(np.sum(np.any(mask, axis=-1)))
     full, _ = harness.run(target, case.fn_name, inputs, dtype, case.opts, case.agg)
@@ -178,7 +185,8 @@ def test_sharding_invariance(target, dtype, case) -> None:
         for s in shards
     ]
     exp = registry.oracle.evaluate(case.objective, case.opts, case.agg, inputs["logp"], inputs["old_logp"],
-                                   inputs["advantages"], mask, None, None, registry.oracle.work_dtype(dtype))
+                                   inputs["advantages"], mask, None, None, registry.oracle.work_dtype(dtype),
+                                   inputs.get("rollout_logp"))
     rs, rv, at = registry.tolerance(dtype, "loss")
     total = sum(float(p["loss"]) for p in parts)
     assert abs(total - float(full["loss"])) <= 2 * (rs * exp["scale"]["loss"] + rv * abs(exp["loss"])) + at, (
