@@ -22,6 +22,12 @@ MUTANTS = {
     "nan_all_masked": "test_empty_batch_gives_zeros",
     "ignored_sigma_neg": "test_golden and sneg",
     "broadcast_advantages": "test_advantage_broadcasting",
+    "per_token_sequence_mask": "test_golden and offpolicy-rollout-sequence-mask",
+    "mean_over_padding": "test_golden and offpolicy-seq-gipo-s1-",
+    "rollout_weight_with_gradient": "test_golden and offpolicy-rollout-token-truncate-gipo",
+    "sequence_weight_from_mean": "test_golden and offpolicy-rollout-sequence-",
+    "geometric_weight_from_sum": "test_golden and offpolicy-rollout-geometric-mask",
+    "opsm_positive_advantages": "test_golden and offpolicy-opsm-",
 }
 
 PUBLIC = ("gipo_loss", "ppo_clip_loss", "no_clip_loss", "sapo_loss", "cispo_loss", "gaussian_trust_weight",

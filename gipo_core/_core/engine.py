@@ -30,6 +30,7 @@ from .sequence import broadcast, seq_count, seq_mean, seq_sum
 __all__ = [
     "AGG_MODES",
     "METRIC_NAMES",
+    "BASIC_METRIC_NAMES",
     "RATIO_LEVELS",
     "ROLLOUT_IS_MODES",
     "DEFAULT_ROLLOUT_IS_BOUNDS",
@@ -79,6 +80,9 @@ METRIC_NAMES = (
     "ppo_clip_frac",
     "n_valid",
 )
+#: ``with_metrics="basic"``: the diagnostics that cost a few reductions only (the gradient multiplier's mean and
+#: largest value, the k1 KL estimate and the count), for eager paths where every extra pass over the data shows.
+BASIC_METRIC_NAMES = ("grad_mult_mean", "grad_mult_max", "kl_k1", "n_valid")
 #: Added for ``ppo_clip_loss``: the fraction where the dual clip bounds the loss (verl's pg_clipfrac_lower).
 PPO_METRIC_NAMES = ("ppo_clip_frac_lower",)
 #: Added at ``ratio_level="sequence"``: extremes of the sequence ratio exp(mean log-ratio) over non-empty rows.
@@ -110,7 +114,7 @@ class LossSpec:
     options: tuple[tuple[str, Any], ...]
     agg: str = "token-mean"
     denominator: float | None = None
-    with_metrics: bool = True
+    with_metrics: bool | str = True  # True (every diagnostic), False (none) or "basic" (BASIC_METRIC_NAMES)
     ratio_level: str = "token"
     rollout_is: str | None = None
     rollout_is_bounds: tuple[float, float] | None = None
@@ -122,10 +126,18 @@ class LossSpec:
 
 
 def metric_names(spec: LossSpec, rollout: bool) -> tuple[str, ...]:
-    """The names of the diagnostics a call with ``spec`` returns, in order (``rollout``: ``rollout_logp`` given)."""
-    names = METRIC_NAMES
-    if spec.objective == "ppo_clip":
-        names += PPO_METRIC_NAMES
+    """The names of the diagnostics a call with ``spec`` returns, in order (``rollout``: ``rollout_logp`` given).
+
+    Empty for ``with_metrics=False``; ``"basic"`` replaces the objective's own set by ``BASIC_METRIC_NAMES``
+    (the off-policy diagnostics of the options in use stay)."""
+    if not spec.with_metrics:
+        return ()
+    if spec.with_metrics == "basic":
+        names = BASIC_METRIC_NAMES
+    else:
+        names = METRIC_NAMES
+        if OBJECTIVES[spec.objective].name == "ppo_clip":
+            names += PPO_METRIC_NAMES
     if spec.ratio_level == "sequence":
         names += SEQUENCE_METRIC_NAMES
     if rollout:
@@ -301,14 +313,16 @@ def forward(
         loss = xp.sum(coef * terms.loss)
     if not spec.with_metrics:
         return loss, saved, {}
-    metrics = diagnostics(ell, ell_eff, adv, terms.mult, valid, spec, xp)
+    names = metric_names(spec, r is not None)
+    base = tuple(n for n in names if n in METRIC_NAMES or n in PPO_METRIC_NAMES)
+    metrics = diagnostics(ell, ell_eff, adv, terms.mult, valid, spec, xp, base)
     if sequence:
-        metrics.update(_sequence_diagnostics(ell_seq, valid, count, metrics["n_valid"], xp))
+        metrics.update(_sequence_diagnostics(ell_seq, count, xp))
     if r is not None:
         metrics.update(_rollout_diagnostics(r, correction, valid, ell, spec, xp))
     if opsm_keep is not None:
         metrics.update(_mask_fractions("opsm", opsm_keep, valid, ell, xp))
-    return loss, saved, metrics
+    return loss, saved, {name: metrics[name] for name in names}
 
 
 def _rollout_correction(r: Any, valid: Any, count: Any, spec: LossSpec, xp: Any) -> tuple[Any, Any]:
@@ -351,7 +365,10 @@ def backward(grad_loss: Any, saved: Any, /, *, dtype: Any, xp: Any) -> Any:
 
 
 class _Reducer:
-    """Masked means, fractions and extremes over the valid elements of arrays shaped like ``ell``."""
+    """Masked means, fractions and extremes over the valid elements of arrays shaped like ``ell``.
+
+    ``zero_outside=True`` says the array is already 0 (or False) at every masked element, so the sum or the
+    largest value needs no masking pass (the core zeroes the log-ratio and the advantage there first)."""
 
     def __init__(self, ell: Any, valid: Any, xp: Any) -> None:
         self.xp, self.valid, self.wd = xp, valid, ell.dtype
@@ -365,31 +382,40 @@ class _Reducer:
             self.n_valid = self.n = xp.sum(xp.astype(valid, self.wd))
         self.inv_n = 1.0 / _guard(self.n, xp)
 
+    def inv_zero(self) -> Any:
+        """A 0-d array of the work dtype on the inputs' device (to build constants from)."""
+        return self.n_valid * 0.0
+
     def masked(self, x: Any, fill: float) -> Any:
         return x if self.valid is None else self.xp.where(self.valid, x, fill)
 
-    def mean(self, x: Any) -> Any:
-        return self.xp.sum(self.masked(x, 0.0)) * self.inv_n
+    def mean(self, x: Any, zero_outside: bool = False) -> Any:
+        return self.xp.sum(x if zero_outside else self.masked(x, 0.0)) * self.inv_n
 
-    def frac(self, cond: Any) -> Any:
-        return self.mean(self.xp.astype(cond, self.wd))
+    def frac(self, cond: Any, false_outside: bool = False) -> Any:
+        return self.mean(self.xp.astype(cond, self.wd), zero_outside=false_outside)
 
-    def extreme(self, x: Any, largest: bool) -> Any:
+    def extreme(self, x: Any, largest: bool, nonneg_zero_outside: bool = False) -> Any:
+        """Largest or smallest valid value (0 with none). ``nonneg_zero_outside``: ``x >= 0`` everywhere and 0
+        at masked elements, so its largest value needs no masking."""
         xp = self.xp
         if self.n_total == 0:
             return xp.sum(x)  # 0, of the right dtype and device
+        if largest and nonneg_zero_outside:
+            return xp.max(x)
         value = xp.max(self.masked(x, -math.inf)) if largest else xp.min(self.masked(x, math.inf))
         return value if self.valid is None and self.static else xp.where(self.n > 0, value, 0.0)
 
-    def ess(self, u: Any, u_max: Any) -> Any:
-        """``(sum u)^2 / (n sum u^2)``, scaled by the largest ``u`` so that ``u^2`` cannot overflow; where ``u``
-        itself overflowed, the infinite elements dominate and count as 1 each; NaN if the largest is NaN."""
+    def ess(self, u0: Any, u_max: Any) -> Any:
+        """``(sum u)^2 / (n sum u^2)`` of a nonnegative ``u0`` that is 0 at masked elements, scaled by the
+        largest ``u`` so that ``u^2`` cannot overflow; where ``u`` itself overflowed, the infinite elements
+        dominate and count as 1 each; NaN if the largest is NaN."""
         xp = self.xp
         finite_max = u_max < math.inf
         scale = xp.where((u_max == 0) | ~finite_max, 1.0, u_max)
-        q = xp.where(finite_max, u / scale, xp.astype(u == math.inf, self.wd))
-        sum_q = xp.sum(self.masked(q, 0.0))
-        sum_q2 = xp.sum(self.masked(q * q, 0.0))
+        q = xp.where(finite_max, u0 / scale, xp.astype(u0 == math.inf, self.wd))
+        sum_q = xp.sum(q)
+        sum_q2 = xp.sum(q * q)
         ess = (sum_q * sum_q) * self.inv_n / xp.where(sum_q2 == 0, 1.0, sum_q2)
         return xp.where(u_max == u_max, ess, u_max)
 
@@ -399,8 +425,11 @@ def _nan_if(flag: Any, values: dict[str, Any], xp: Any, keep: tuple[str, ...] = 
     return {k: (v if k in keep else xp.where(flag, math.nan, v)) for k, v in values.items()}
 
 
-def diagnostics(ell: Any, ell_eff: Any, adv: Any, mult: Any, valid: Any, spec: LossSpec, xp: Any) -> dict[str, Any]:
-    """The diagnostics over valid elements, as 0-d arrays of the work dtype on the inputs' device.
+def diagnostics(
+    ell: Any, ell_eff: Any, adv: Any, mult: Any, valid: Any, spec: LossSpec, xp: Any, names: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The diagnostics ``names`` (default: all of ``METRIC_NAMES`` and the PPO ones that apply) over valid
+    elements, as 0-d arrays of the work dtype on the inputs' device; each is computed only when asked for.
 
     ``weight_*`` is the method's trust weight (``u / rho``: GIPO's omega, PPO's 0/1 clip gate, SAPO's
     ``4 p (1 - p)``), ``grad_mult_*`` the gradient multiplier ``u`` (``dL/dlogp = -A u``),
@@ -412,51 +441,70 @@ def diagnostics(ell: Any, ell_eff: Any, adv: Any, mult: Any, valid: Any, spec: L
     clip_high with A > 0 or rho < 1 - clip_low with A < 0; the loss's own band for ``ppo_clip_loss``, eps =
     0.2 for the others), ``ppo_clip_frac_lower`` (``ppo_clip_loss`` only) the fraction where the dual clip
     bounds the loss, ``n_valid`` the number of valid elements. With no valid element every entry is 0; a NaN
-    at a valid element makes every entry but ``n_valid`` NaN.
+    at a valid element (of the log-ratio or the advantage; log-ratios of +inf and -inf together count as
+    one) makes every entry but ``n_valid`` NaN.
     """
     objective = OBJECTIVES[spec.objective]
     opts = spec.opts
+    is_ppo = objective.name == "ppo_clip"
+    if not names:
+        names = METRIC_NAMES + (PPO_METRIC_NAMES if is_ppo else ())
     red = _Reducer(ell, valid, xp)
-    omega = objective.weight(ell_eff, adv, opts, xp)
-    rho = xp.exp(ell_eff)
-    abs_ell = xp.abs(ell)
-    low = omega < 0.5
-    u_max = red.extreme(mult, largest=True)
-    if spec.objective == "ppo_clip":
+    cache: dict[str, Any] = {}
+
+    def get(key: str) -> Any:
+        if key not in cache:
+            cache[key] = parts[key]()
+        return cache[key]
+
+    if is_ppo:
         hi, lo = 1.0 + opts["clip_high"], 1.0 - opts["clip_low"]
     else:
         hi, lo = 1.0 + DIAGNOSTIC_PPO_EPS, 1.0 - DIAGNOSTIC_PPO_EPS
-    abs_mean = red.mean(abs_ell)
-    values = {
-        "weight_mean": red.mean(omega),
-        "weight_min": red.extreme(omega, largest=False),
-        "low_weight_frac": red.frac(low),
-        "low_weight_frac_pos": red.frac(low & (adv > 0)),
-        "low_weight_frac_neg": red.frac(low & (adv <= 0)),
-        "grad_mult_mean": red.mean(mult),
-        "grad_mult_max": u_max,
-        "ess": red.ess(mult, u_max),
-        "ratio_mean": red.mean(rho),
-        "ratio_max": red.extreme(rho, largest=True),
-        "log_ratio_abs_mean": abs_mean,
-        "log_ratio_abs_max": red.extreme(abs_ell, largest=True),
-        "kl_k1": red.mean(-ell),
-        "kl_k3": red.mean(xp.expm1(-ell) + ell),
-        "ppo_clip_frac": red.frac(((rho > hi) & (adv > 0)) | ((rho < lo) & (adv < 0))),
-        "n_valid": red.n_valid,
+    dual = opts.get("dual_clip") if is_ppo else None
+    parts = {
+        "omega": lambda: objective.weight(ell_eff, adv, opts, xp),
+        "rho": lambda: xp.exp(ell_eff),
+        "abs_ell": lambda: xp.abs(ell),
+        "low": lambda: get("omega") < 0.5,
+        # u >= 0 for every objective: masked to 0 once, its sum, largest value and ESS need no more masking
+        "u0": lambda: red.masked(mult, 0.0),
+        "u_max": lambda: red.extreme(get("u0"), largest=True, nonneg_zero_outside=True),
+        "weight_mean": lambda: red.mean(get("omega")),
+        "weight_min": lambda: red.extreme(get("omega"), largest=False),
+        "low_weight_frac": lambda: red.frac(get("low")),
+        "low_weight_frac_pos": lambda: red.frac(get("low") & (adv > 0), false_outside=True),  # A = 0 there
+        "low_weight_frac_neg": lambda: get("low_weight_frac") - get("low_weight_frac_pos"),
+        "grad_mult_mean": lambda: red.mean(get("u0"), zero_outside=True),
+        "grad_mult_max": lambda: get("u_max"),
+        "ess": lambda: red.ess(get("u0"), get("u_max")),
+        "ratio_mean": lambda: red.mean(get("rho")),
+        "ratio_max": lambda: red.extreme(get("rho"), largest=True),
+        "log_ratio_abs_mean": lambda: red.mean(get("abs_ell"), zero_outside=True),
+        "log_ratio_abs_max": lambda: red.extreme(get("abs_ell"), largest=True, nonneg_zero_outside=True),
+        "kl_k1": lambda: -get("ell_sum") * red.inv_n,
+        "ell_sum": lambda: xp.sum(ell),  # ell is 0 at masked elements already
+        "kl_k3": lambda: red.mean(xp.expm1(-ell) + ell, zero_outside=True),
+        # rho vs the band, as ell vs its log: no exp needed (the same decision up to the last bit)
+        "ppo_clip_frac": lambda: red.frac(
+            ((ell_eff > math.log(hi)) & (adv > 0)) | ((ell_eff < math.log(lo)) & (adv < 0)), false_outside=True
+        ),
+        "ppo_clip_frac_lower": lambda: (
+            red.frac((adv < 0) & (ell_eff > math.log(dual)), false_outside=True)
+            if dual is not None
+            else xp.full_like(red.inv_zero(), 0.0)
+        ),
+        "n_valid": lambda: red.n_valid,
     }
-    if spec.objective == "ppo_clip":
-        dual = opts["dual_clip"]
-        values["ppo_clip_frac_lower"] = (
-            red.frac((adv < 0) & (rho > dual)) if dual is not None else xp.full_like(abs_mean, 0.0)
-        )
-    # A NaN log-ratio makes the sum of |l| NaN (|inf| never does); a NaN advantage the sum of |A|.
-    adv_abs_sum = xp.sum(xp.abs(adv))
-    bad = (abs_mean != abs_mean) | (adv_abs_sum != adv_abs_sum)
+    values = {name: get(name) for name in names}
+    # A NaN log-ratio makes the sum of l NaN; a NaN advantage the sum of A.
+    adv_sum = xp.sum(adv)
+    ell_sum = get("ell_sum")
+    bad = (ell_sum != ell_sum) | (adv_sum != adv_sum)
     return _nan_if(bad, values, xp, keep=("n_valid",))
 
 
-def _sequence_diagnostics(ell_seq: Any, valid: Any, count: Any, n_valid: Any, xp: Any) -> dict[str, Any]:
+def _sequence_diagnostics(ell_seq: Any, count: Any, xp: Any) -> dict[str, Any]:
     """Extremes of the sequence ratio ``exp(mean l)`` over sequences with a valid element (0 if none)."""
     rows = count > 0
     has = xp.sum(xp.astype(rows, ell_seq.dtype)) > 0
@@ -492,11 +540,12 @@ def _rollout_diagnostics(r: Any, correction: Any, valid: Any, like: Any, spec: L
     else:
         w = correction[0] + xp.full_like(like, 0.0)
         keep = correction[1]
-    w_max = red.extreme(w, largest=True)
+    w0 = red.masked(w, 0.0)  # w >= 0
+    w_max = red.extreme(w0, largest=True, nonneg_zero_outside=True)
     values = {
-        "rollout_weight_mean": red.mean(w),
+        "rollout_weight_mean": red.mean(w0, zero_outside=True),
         "rollout_weight_max": w_max,
-        "rollout_ess": red.ess(w, w_max),
+        "rollout_ess": red.ess(w0, w_max),
     }
     if keep is None:
         zero = xp.full_like(w_max, 0.0)
