@@ -70,8 +70,10 @@ def test_finite_differences(target, dtype, case) -> None:
 
     def value(delta: np.ndarray) -> float:
         moved = dict(fd_inputs, logp=fd_inputs["logp"] + delta)
-        if move_old:
+        if move_old:  # the ratio (and the rollout log-weight old - rollout) stay put
             moved["old_logp"] = fd_inputs["old_logp"] + delta
+            if "rollout_logp" in fd_inputs:
+                moved["rollout_logp"] = fd_inputs["rollout_logp"] + delta
         res, _ = harness.run(target, fn_name, moved, dtype, opts, case.agg, denom, case.denominator == "array")
         return float(res["loss"])
 

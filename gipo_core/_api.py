@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, NamedTuple
 
-from ._core.engine import AGG_MODES, METRIC_NAMES, LossSpec, trust_weight
+from ._core.engine import AGG_MODES, METRIC_NAMES, RATIO_LEVELS, ROLLOUT_IS_MODES, LossSpec, trust_weight
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 from ._lib.namespace import array_namespace
@@ -40,6 +40,7 @@ class LossArrays(NamedTuple):
     mask: Any
     behavior_weights: Any
     denominator: Any
+    rollout_logp: Any = None
 
 
 def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, Any], ...]:
@@ -67,6 +68,32 @@ def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, A
     )
 
 
+def _check_offpolicy(fn: str, off: dict, rollout_logp: Any) -> dict:
+    """The off-policy options, checked: ``ratio_level``, ``rollout_is``, ``rollout_is_bounds``, ``opsm_delta``."""
+    out = {"ratio_level": off.get("ratio_level", "token"), "rollout_is": off.get("rollout_is"),
+           "rollout_is_bounds": off.get("rollout_is_bounds"), "opsm_delta": off.get("opsm_delta")}
+    checks.check_choice(fn, "ratio_level", out["ratio_level"], RATIO_LEVELS)
+    if out["rollout_is"] is not None:
+        checks.check_choice(fn, "rollout_is", out["rollout_is"], ROLLOUT_IS_MODES)
+        if rollout_logp is None:
+            raise ValueError(f"`{fn}`: `rollout_is={out['rollout_is']!r}` needs `rollout_logp`; got None")
+    bounds = out["rollout_is_bounds"]
+    if bounds is not None:
+        if out["rollout_is"] is None:
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` is given but `rollout_is` is None")
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise TypeError(f"`{fn}`: `rollout_is_bounds` must be a pair (low, high); got {bounds!r}")
+        low, high = (float(b) for b in bounds)
+        if not (0.0 <= low < high) or high != high:
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` must satisfy 0 <= low < high; got {bounds!r}")
+        out["rollout_is_bounds"] = (low, high)
+    if out["opsm_delta"] is not None:
+        out["opsm_delta"] = float(out["opsm_delta"])
+        if out["opsm_delta"] != out["opsm_delta"]:
+            raise ValueError(f"`{fn}`: `opsm_delta` must be a number; got {out['opsm_delta']!r}")
+    return out
+
+
 def prepare(
     fn: str,
     objective: str,
@@ -79,12 +106,14 @@ def prepare(
     agg: str,
     with_metrics: bool,
     options: dict,
+    rollout_logp: Any = None,
+    offpolicy: dict | None = None,
 ) -> tuple[LossArrays, LossSpec, Any]:
     """Check every argument from shapes, dtypes, devices and options alone; build the static spec."""
     for name, value in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         if value is None:
             raise TypeError(f"`{fn}`: `{name}` is required; got None")
-    xp = array_namespace(logp, old_logp, advantages, mask, behavior_weights, fn=fn)
+    xp = array_namespace(logp, old_logp, advantages, mask, behavior_weights, rollout_logp, fn=fn)
     if not hasattr(denominator, "shape") and denominator is not None and not isinstance(denominator, (int, float)):
         raise TypeError(
             f"`{fn}`: `denominator` must be None, a number > 0 or a 0-d array; got {type(denominator).__name__}"
@@ -103,6 +132,11 @@ def prepare(
     if behavior_weights is not None:
         checks.check_floating(fn, "behavior_weights", behavior_weights, xp)
         checks.check_same_shape(fn, "behavior_weights", behavior_weights, ref_shape)
+    if rollout_logp is not None:
+        checks.check_floating(fn, "rollout_logp", rollout_logp, xp)
+        checks.check_same_shape(fn, "rollout_logp", rollout_logp, ref_shape)
+        checks.check_same_device(fn, "rollout_logp", rollout_logp, logp)
+    off = _check_offpolicy(fn, dict(offpolicy or {}), rollout_logp)
     for name, value in (
         ("old_logp", old_logp),
         ("advantages", advantages),
@@ -112,8 +146,8 @@ def prepare(
         if value is not None:
             checks.check_same_device(fn, name, value, logp)
     checks.check_choice(fn, "agg", agg, AGG_MODES)
-    if not isinstance(with_metrics, bool):
-        raise TypeError(f"`{fn}`: `with_metrics` must be True or False; got {with_metrics!r}")
+    if not isinstance(with_metrics, bool) and with_metrics != "basic":
+        raise TypeError(f"`{fn}`: `with_metrics` must be True, False or 'basic'; got {with_metrics!r}")
     denom = checks.check_denominator(fn, denominator, logp, xp)
     spec = LossSpec(
         objective=objective,
@@ -121,9 +155,11 @@ def prepare(
         agg=agg,
         denominator=denom if isinstance(denom, float) else None,
         with_metrics=with_metrics,
+        **off,
     )
     arrays = LossArrays(
-        logp, old_logp, advantages, mask, behavior_weights, None if isinstance(denom, float) or denom is None else denom
+        logp, old_logp, advantages, mask, behavior_weights,
+        None if isinstance(denom, float) or denom is None else denom, rollout_logp,
     )
     return arrays, spec, xp
 
@@ -219,6 +255,8 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
             kwargs.get("agg", "token-mean"),
             kwargs.get("with_metrics", True),
             options,
+            kwargs.get("rollout_logp"),
+            {k: kwargs[k] for k in _OFFPOLICY_KW if k in kwargs},
         )
         return run(arrays, spec, xp)
 
@@ -231,6 +269,11 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
         inspect.Parameter("denominator", inspect.Parameter.KEYWORD_ONLY, default=None),
         inspect.Parameter("behavior_weights", inspect.Parameter.KEYWORD_ONLY, default=None),
         inspect.Parameter("with_metrics", inspect.Parameter.KEYWORD_ONLY, default=True),
+        inspect.Parameter("rollout_logp", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("ratio_level", inspect.Parameter.KEYWORD_ONLY, default="token"),
+        inspect.Parameter("rollout_is", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("rollout_is_bounds", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("opsm_delta", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
     loss_fn.__signature__ = inspect.Signature(positional + keyword, return_annotation="LossOutput")
     loss_fn.__name__ = loss_fn.__qualname__ = fn_name
@@ -245,7 +288,8 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
     return loss_fn
 
 
-_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics"})
+_OFFPOLICY_KW = ("ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta")
+_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics", "rollout_logp", *_OFFPOLICY_KW})
 
 
 def _make_trust_weight(module: str) -> Callable:

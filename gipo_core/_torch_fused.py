@@ -135,13 +135,13 @@ def _eligible(logp: torch.Tensor) -> bool:
 def _plain(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
     loss, saved, metrics = forward(*arrays, spec=spec, xp=_xp)
     # One tensor for all the diagnostics: each output of an autograd.Function costs Python time.
-    stacked = torch.stack(list(metrics.values())) if spec.with_metrics else None
+    stacked = torch.stack(list(metrics.values())) if metrics else None
     return loss, saved, stacked
 
 
 def _compile(spec: LossSpec) -> Callable[..., Any]:
-    def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator):
-        return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator), spec)
+    def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
+        return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp), spec)
 
     # A code object of its own per option set: dynamo keeps compiled entries per code object and stops
     # recompiling after a few (the recompile limit), and ``spec`` differs only in the closure.

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._api import _OPTION_DOCS, AGG_MODES, LossArrays, LossOutput, _check_options, make_api
-from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 
@@ -74,15 +74,17 @@ _Static = tuple  # (LossSpec, dtype, xp)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _loss(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator):
+def _loss(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
     spec, _, xp = static
-    loss, _, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=xp)
+    loss, _, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp,
+                               spec=spec, xp=xp)
     return loss, metrics
 
 
-def _loss_fwd(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator):
+def _loss_fwd(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
     spec, _, xp = static
-    loss, saved, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec=spec, xp=xp)
+    loss, saved, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp,
+                                   spec=spec, xp=xp)
     return (loss, metrics), saved
 
 
@@ -90,7 +92,7 @@ def _loss_bwd(static: _Static, saved, cotangents):
     _, dtype, xp = static
     grad_loss, _ = cotangents  # the diagnostics carry no gradient
     # Zero cotangents (None) for old_logp, advantages, mask, behavior_weights and denominator.
-    return backward(grad_loss, saved, dtype=dtype, xp=xp), None, None, None, None, None
+    return backward(grad_loss, saved, dtype=dtype, xp=xp), None, None, None, None, None, None
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
@@ -100,7 +102,8 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     loss, metrics = _loss((spec, arrays.logp.dtype, xp), *arrays)
     # A dict that went through a JAX transformation comes back with its keys sorted: restore the
     # documented order (what leaves a user's own jax.jit is sorted again; JAX does that to every dict).
-    return LossOutput(loss, {name: metrics[name] for name in METRIC_NAMES if name in metrics})
+    names = metric_names(spec, arrays.rollout_logp is not None)
+    return LossOutput(loss, {name: metrics[name] for name in names})
 
 
 def _accept_numpy(fn: Callable) -> Callable:

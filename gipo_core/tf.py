@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import tensorflow as tf
 
 from ._api import _OPTION_DOCS, AGG_MODES, LossArrays, LossOutput, _check_options, make_api
-from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 
@@ -92,7 +92,7 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
 
     with placed():
         loss, *values = loss_and_metrics(logp)
-    metrics = dict(zip(METRIC_NAMES, values)) if spec.with_metrics else {}
+    metrics = dict(zip(metric_names(spec, arrays.rollout_logp is not None), values))
     return LossOutput(loss, metrics)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._core.engine import metric_names
 from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, make_api
 from ._core.engine import LossSpec, backward
 from ._core.objectives import OBJECTIVES
@@ -87,7 +88,7 @@ class _LossFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec):
+    def forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, spec):
         device = logp.device.type
         # The core casts to float32 itself, but an autocast region may list ops it uses (exp, sum): turning
         # autocast off keeps the work dtype the core's choice on every device. Not while compiling: older
@@ -102,7 +103,7 @@ class _LossFunction(torch.autograd.Function):
         else:
             region = contextlib.nullcontext()
         with region:
-            arrays = (logp, old_logp, advantages, mask, behavior_weights, denominator)
+            arrays = (logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
             loss, saved, stacked = core_forward(arrays, spec)
         return (loss, saved) if stacked is None else (loss, saved, stacked)
 
@@ -113,7 +114,7 @@ class _LossFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(output[2])
         ctx.set_materialize_grads(False)
         ctx.dtype = inputs[0].dtype
-        ctx.fn = OBJECTIVES[inputs[6].objective].public_name
+        ctx.fn = OBJECTIVES[inputs[-1].objective].public_name
 
     @staticmethod
     def backward(ctx, grad_loss, grad_saved, *grad_metrics):  # noqa: ARG004
@@ -127,7 +128,7 @@ class _LossFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and grad_loss is not None:
             (saved,) = ctx.saved_tensors
             grad_logp = backward(grad_loss, saved, dtype=ctx.dtype, xp=_xp)
-        return grad_logp, None, None, None, None, None, None
+        return grad_logp, None, None, None, None, None, None, None
 
 
 # autograd.Function.apply binds its arguments to ``forward``'s signature on every call (the setup_context
@@ -137,7 +138,8 @@ _LossFunction.forward.__signature__ = inspect.signature(_LossFunction.forward)
 
 def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     out = _LossFunction.apply(*arrays, spec)
-    metrics = dict(zip(METRIC_NAMES, out[2].unbind(0))) if spec.with_metrics else {}
+    names = metric_names(spec, arrays.rollout_logp is not None)
+    metrics = dict(zip(names, out[2].unbind(0))) if names else {}
     return LossOutput(out[0], metrics)
 
 
