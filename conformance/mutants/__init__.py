@@ -17,7 +17,7 @@ MUTANTS = {
     "literal_exp": "test_golden and float32 and gipo-gaussian",
     "grad_through_weight": "test_finite_differences and gipo",
     "mask_after_exp": "test_masked_values_never_leak",
-    "wrong_denominator": "test_registry and seq-mean-token-sum- and mask_rows",
+    "wrong_denominator": "test_golden and gipo-batch-seq-mean-token-sum-boolmask",
     "rel_error_1e5": "test_golden and float64",
     "nan_all_masked": "test_empty_batch_gives_zeros",
     "ignored_sigma_neg": "test_golden and sneg",
