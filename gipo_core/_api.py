@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, NamedTuple
 
-from ._core.engine import AGG_MODES, METRIC_NAMES, RATIO_LEVELS, ROLLOUT_IS_MODES, LossSpec, trust_weight
+from ._core.engine import AGG_MODES, METRIC_NAMES, LossSpec, trust_weight
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 from ._lib.namespace import array_namespace
@@ -63,34 +63,42 @@ def _check_options(fn: str, objective: str, options: dict) -> tuple[tuple[str, A
         checks.check_positive(fn, "clip_max", options["clip_max"])
         if options["clip_min"] is not None:
             checks.check_positive(fn, "clip_min", options["clip_min"])
+            if options["clip_min"] >= options["clip_max"]:
+                raise ValueError(
+                    f"`{fn}`: `clip_min` must be < `clip_max` ({options['clip_max']!r}); got {options['clip_min']!r}"
+                )
     return tuple(
         (k, float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in options.items()
     )
 
 
-def _check_offpolicy(fn: str, off: dict, rollout_logp: Any) -> dict:
-    """The off-policy options, checked: ``ratio_level``, ``rollout_is``, ``rollout_is_bounds``, ``opsm_delta``."""
-    out = {"ratio_level": off.get("ratio_level", "token"), "rollout_is": off.get("rollout_is"),
-           "rollout_is_bounds": off.get("rollout_is_bounds"), "opsm_delta": off.get("opsm_delta")}
+RATIO_LEVELS = ("token", "sequence")
+ROLLOUT_IS_MODES = ("token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask")
+
+#: Off-policy options common to every objective, with their defaults.
+OFF_POLICY_DEFAULTS = {"ratio_level": "token", "rollout_is": None, "rollout_is_bounds": None, "opsm_delta": None}
+
+
+def check_off_policy(fn: str, options: dict) -> dict:
+    """The off-policy options, checked and normalised (floats, a tuple of bounds)."""
+    out = dict(OFF_POLICY_DEFAULTS)
+    out.update(options)
     checks.check_choice(fn, "ratio_level", out["ratio_level"], RATIO_LEVELS)
     if out["rollout_is"] is not None:
         checks.check_choice(fn, "rollout_is", out["rollout_is"], ROLLOUT_IS_MODES)
-        if rollout_logp is None:
-            raise ValueError(f"`{fn}`: `rollout_is={out['rollout_is']!r}` needs `rollout_logp`; got None")
     bounds = out["rollout_is_bounds"]
     if bounds is not None:
-        if out["rollout_is"] is None:
-            raise ValueError(f"`{fn}`: `rollout_is_bounds` is given but `rollout_is` is None")
-        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-            raise TypeError(f"`{fn}`: `rollout_is_bounds` must be a pair (low, high); got {bounds!r}")
-        low, high = (float(b) for b in bounds)
-        if not (0.0 <= low < high) or high != high:
-            raise ValueError(f"`{fn}`: `rollout_is_bounds` must satisfy 0 <= low < high; got {bounds!r}")
+        try:
+            low, high = bounds
+        except (TypeError, ValueError):
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` must be None or a pair (low, high); got {bounds!r}") from None
+        low = checks.check_nonnegative(fn, "rollout_is_bounds[0]", low)
+        high = checks.check_positive(fn, "rollout_is_bounds[1]", high)
+        if not low < high:
+            raise ValueError(f"`{fn}`: `rollout_is_bounds` must have low < high; got {bounds!r}")
         out["rollout_is_bounds"] = (low, high)
     if out["opsm_delta"] is not None:
-        out["opsm_delta"] = float(out["opsm_delta"])
-        if out["opsm_delta"] != out["opsm_delta"]:
-            raise ValueError(f"`{fn}`: `opsm_delta` must be a number; got {out['opsm_delta']!r}")
+        out["opsm_delta"] = checks.check_finite(fn, "opsm_delta", out["opsm_delta"])
     return out
 
 
@@ -107,7 +115,7 @@ def prepare(
     with_metrics: bool,
     options: dict,
     rollout_logp: Any = None,
-    offpolicy: dict | None = None,
+    off_policy: dict | None = None,
 ) -> tuple[LossArrays, LossSpec, Any]:
     """Check every argument from shapes, dtypes, devices and options alone; build the static spec."""
     for name, value in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
@@ -126,22 +134,21 @@ def prepare(
     for name, value in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         checks.check_floating(fn, name, value, xp)
     checks.check_same_shape(fn, "old_logp", old_logp, ref_shape)
+    if rollout_logp is not None:
+        checks.check_floating(fn, "rollout_logp", rollout_logp, xp)
+        checks.check_same_shape(fn, "rollout_logp", rollout_logp, ref_shape)
     checks.check_advantages_shape(fn, advantages, ref_shape)
     if mask is not None:
         checks.check_mask(fn, mask, ref_shape, xp)
     if behavior_weights is not None:
         checks.check_floating(fn, "behavior_weights", behavior_weights, xp)
         checks.check_same_shape(fn, "behavior_weights", behavior_weights, ref_shape)
-    if rollout_logp is not None:
-        checks.check_floating(fn, "rollout_logp", rollout_logp, xp)
-        checks.check_same_shape(fn, "rollout_logp", rollout_logp, ref_shape)
-        checks.check_same_device(fn, "rollout_logp", rollout_logp, logp)
-    off = _check_offpolicy(fn, dict(offpolicy or {}), rollout_logp)
     for name, value in (
         ("old_logp", old_logp),
         ("advantages", advantages),
         ("mask", mask),
         ("behavior_weights", behavior_weights),
+        ("rollout_logp", rollout_logp),
     ):
         if value is not None:
             checks.check_same_device(fn, name, value, logp)
@@ -149,17 +156,27 @@ def prepare(
     if not isinstance(with_metrics, bool) and with_metrics != "basic":
         raise TypeError(f"`{fn}`: `with_metrics` must be True, False or 'basic'; got {with_metrics!r}")
     denom = checks.check_denominator(fn, denominator, logp, xp)
+    if (off_policy or {}).get("rollout_is") is not None and rollout_logp is None:
+        raise ValueError(
+            f"`{fn}`: `rollout_is={off_policy['rollout_is']!r}` corrects with `rollout_logp`, which is None; pass "
+            "the log-probs of the policy that generated the samples"
+        )
     spec = LossSpec(
         objective=objective,
         options=_check_options(fn, objective, options),
         agg=agg,
         denominator=denom if isinstance(denom, float) else None,
         with_metrics=with_metrics,
-        **off,
+        **check_off_policy(fn, off_policy or {}),
     )
     arrays = LossArrays(
-        logp, old_logp, advantages, mask, behavior_weights,
-        None if isinstance(denom, float) or denom is None else denom, rollout_logp,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        behavior_weights,
+        None if isinstance(denom, float) or denom is None else denom,
+        rollout_logp,
     )
     return arrays, spec, xp
 
@@ -256,7 +273,7 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
             kwargs.get("with_metrics", True),
             options,
             kwargs.get("rollout_logp"),
-            {k: kwargs[k] for k in _OFFPOLICY_KW if k in kwargs},
+            {k: kwargs[k] for k in OFF_POLICY_DEFAULTS if k in kwargs},
         )
         return run(arrays, spec, xp)
 
@@ -268,13 +285,10 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
         inspect.Parameter("agg", inspect.Parameter.KEYWORD_ONLY, default="token-mean"),
         inspect.Parameter("denominator", inspect.Parameter.KEYWORD_ONLY, default=None),
         inspect.Parameter("behavior_weights", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("with_metrics", inspect.Parameter.KEYWORD_ONLY, default=True),
         inspect.Parameter("rollout_logp", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("ratio_level", inspect.Parameter.KEYWORD_ONLY, default="token"),
-        inspect.Parameter("rollout_is", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("rollout_is_bounds", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("opsm_delta", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
+    keyword += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in OFF_POLICY_DEFAULTS.items()]
+    keyword += [inspect.Parameter("with_metrics", inspect.Parameter.KEYWORD_ONLY, default=True)]
     loss_fn.__signature__ = inspect.Signature(positional + keyword, return_annotation="LossOutput")
     loss_fn.__name__ = loss_fn.__qualname__ = fn_name
     loss_fn.__module__ = module
@@ -288,8 +302,7 @@ def _make_loss(objective_key: str, run: Callable, module: str, example: str) -> 
     return loss_fn
 
 
-_OFFPOLICY_KW = ("ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta")
-_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics", "rollout_logp", *_OFFPOLICY_KW})
+_COMMON_KW = frozenset({"agg", "denominator", "behavior_weights", "with_metrics", "rollout_logp", *OFF_POLICY_DEFAULTS})
 
 
 def _make_trust_weight(module: str) -> Callable:

@@ -36,7 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._api import _OPTION_DOCS, AGG_MODES, LossArrays, LossOutput, _check_options, make_api
+from ._api import (
+    _OPTION_DOCS,
+    AGG_MODES,
+    OFF_POLICY_DEFAULTS,
+    LossArrays,
+    LossOutput,
+    _check_options,
+    check_off_policy,
+    make_api,
+)
 from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
@@ -76,22 +85,24 @@ _Static = tuple  # (LossSpec, dtype, xp)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
     spec, _, xp = static
-    loss, _, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp,
-                               spec=spec, xp=xp)
+    loss, _, metrics = forward(
+        logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, spec=spec, xp=xp
+    )
     return loss, metrics
 
 
 def _loss_fwd(static: _Static, logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
     spec, _, xp = static
-    loss, saved, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp,
-                                   spec=spec, xp=xp)
+    loss, saved, metrics = forward(
+        logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, spec=spec, xp=xp
+    )
     return (loss, metrics), saved
 
 
 def _loss_bwd(static: _Static, saved, cotangents):
     _, dtype, xp = static
     grad_loss, _ = cotangents  # the diagnostics carry no gradient
-    # Zero cotangents (None) for old_logp, advantages, mask, behavior_weights and denominator.
+    # Zero cotangents (None) for old_logp, advantages, mask, behavior_weights, denominator and rollout_logp.
     return backward(grad_loss, saved, dtype=dtype, xp=xp), None, None, None, None, None, None
 
 
@@ -125,7 +136,9 @@ def _accept_numpy(fn: Callable) -> Callable:
     return wrapper
 
 
-_ARRAY_KEYWORDS = frozenset({"logp", "old_logp", "advantages", "mask", "behavior_weights", "denominator", "log_ratio"})
+_ARRAY_KEYWORDS = frozenset(
+    {"logp", "old_logp", "advantages", "mask", "behavior_weights", "denominator", "rollout_logp", "log_ratio"}
+)
 
 _api = {name: _accept_numpy(fn) for name, fn in make_api(_run, __name__, _EXAMPLE).items()}
 
@@ -150,15 +163,21 @@ class _LossFn:
 
     _objective: ClassVar[str]
     agg: str = dataclasses.field(default="token-mean", kw_only=True)
+    ratio_level: str = dataclasses.field(default="token", kw_only=True)
+    rollout_is: str | None = dataclasses.field(default=None, kw_only=True)
+    rollout_is_bounds: tuple[float, float] | None = dataclasses.field(default=None, kw_only=True)
+    opsm_delta: float | None = dataclasses.field(default=None, kw_only=True)
     with_metrics: bool = dataclasses.field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         checks.check_choice(name, "agg", self.agg, AGG_MODES)
-        if not isinstance(self.with_metrics, bool):
-            raise TypeError(f"`{name}`: `with_metrics` must be True or False; got {self.with_metrics!r}")
+        if not isinstance(self.with_metrics, bool) and self.with_metrics != "basic":
+            raise TypeError(f"`{name}`: `with_metrics` must be True, False or 'basic'; got {self.with_metrics!r}")
         # Validate the options once, at construction, and store them as the functions see them (floats).
         for key, value in _check_options(name, self._objective, self.options):
+            object.__setattr__(self, key, value)
+        for key, value in check_off_policy(name, {k: getattr(self, k) for k in OFF_POLICY_DEFAULTS}).items():
             object.__setattr__(self, key, value)
 
     @property
@@ -175,6 +194,7 @@ class _LossFn:
         *,
         denominator: Any = None,
         behavior_weights: Any = None,
+        rollout_logp: Any = None,
     ) -> LossOutput:
         """``LossOutput(loss, metrics)`` for these arrays; see the matching function for shapes and math."""
         fn = _api[OBJECTIVES[self._objective].public_name]
@@ -187,6 +207,8 @@ class _LossFn:
             agg=self.agg,
             denominator=denominator,
             behavior_weights=behavior_weights,
+            rollout_logp=rollout_logp,
+            **{k: getattr(self, k) for k in OFF_POLICY_DEFAULTS},
             with_metrics=self.with_metrics,
         )
 
@@ -279,3 +301,4 @@ class SAPOLoss(_LossFn):
 class CISPOLoss(_LossFn):
     _objective: ClassVar[str] = "cispo"
     clip_max: float = 5.0
+    clip_min: float | None = None

@@ -35,7 +35,16 @@ from typing import Any, ClassVar
 
 import tensorflow as tf
 
-from ._api import _OPTION_DOCS, AGG_MODES, LossArrays, LossOutput, _check_options, make_api
+from ._api import (
+    _OPTION_DOCS,
+    AGG_MODES,
+    OFF_POLICY_DEFAULTS,
+    LossArrays,
+    LossOutput,
+    _check_options,
+    check_off_policy,
+    make_api,
+)
 from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
@@ -114,23 +123,47 @@ class _LossModule(tf.Module):
 
     _objective: ClassVar[str]
 
-    def __init__(self, *args: Any, agg: str = "token-mean", with_metrics: bool = True, name: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        agg: str = "token-mean",
+        with_metrics: bool = True,
+        name: str | None = None,
+        ratio_level: str = "token",
+        rollout_is: str | None = None,
+        rollout_is_bounds: tuple[float, float] | None = None,
+        opsm_delta: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         cls = type(self).__name__
         objective = OBJECTIVES[self._objective]
         signature = inspect.signature(type(self))
         try:
-            bound = signature.bind(*args, agg=agg, with_metrics=with_metrics, name=name, **kwargs)
+            bound = signature.bind(
+                *args,
+                agg=agg,
+                with_metrics=with_metrics,
+                name=name,
+                ratio_level=ratio_level,
+                rollout_is=rollout_is,
+                rollout_is_bounds=rollout_is_bounds,
+                opsm_delta=opsm_delta,
+                **kwargs,
+            )
         except TypeError as exc:
             raise TypeError(f"`{cls}`: {exc}; the signature is {cls}{signature}") from None
         bound.apply_defaults()
         super().__init__(name=name)
         checks.check_choice(cls, "agg", agg, AGG_MODES)
-        if not isinstance(with_metrics, bool):
-            raise TypeError(f"`{cls}`: `with_metrics` must be True or False; got {with_metrics!r}")
+        if not isinstance(with_metrics, bool) and with_metrics != "basic":
+            raise TypeError(f"`{cls}`: `with_metrics` must be True, False or 'basic'; got {with_metrics!r}")
         # Checked once, here, and kept as the functions see them (floats).
         options = {k: bound.arguments[k] for k in objective.option_names}
         self._options = dict(_check_options(cls, self._objective, options))
+        self._off_policy = check_off_policy(
+            cls,
+            dict(ratio_level=ratio_level, rollout_is=rollout_is, rollout_is_bounds=rollout_is_bounds, opsm_delta=opsm_delta),
+        )
         self._agg = agg
         self._with_metrics = with_metrics
         self._fn = _api[objective.public_name]
@@ -162,6 +195,7 @@ class _LossModule(tf.Module):
         *,
         denominator: Any = None,
         behavior_weights: Any = None,
+        rollout_logp: Any = None,
     ) -> LossOutput:
         """``LossOutput(loss, metrics)`` for these tensors; see the matching function for shapes and math."""
         with self.name_scope:
@@ -174,7 +208,9 @@ class _LossModule(tf.Module):
                 agg=self._agg,
                 denominator=denominator,
                 behavior_weights=behavior_weights,
+                rollout_logp=rollout_logp,
                 with_metrics=self._with_metrics,
+                **self._off_policy,
             )
 
 
@@ -232,6 +268,7 @@ def _loss_class(name: str, objective_key: str) -> type:
     params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in objective.defaults]
     params += [
         kind("agg", kind.KEYWORD_ONLY, default="token-mean"),
+        *[kind(k, kind.KEYWORD_ONLY, default=v) for k, v in OFF_POLICY_DEFAULTS.items()],
         kind("with_metrics", kind.KEYWORD_ONLY, default=True),
         kind("name", kind.KEYWORD_ONLY, default=None),
     ]

@@ -40,9 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._core.engine import metric_names
-from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, make_api
-from ._core.engine import LossSpec, backward
+from ._api import AGG_MODES, METRIC_NAMES, LossArrays, LossOutput, _check_options, check_off_policy, make_api
+from ._core.engine import LossSpec, backward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._lib import checks
 from ._torch_fused import core_forward, fused_settings, set_fused
@@ -166,13 +165,26 @@ class _PolicyLoss(nn.Module):
 
     _objective = ""
 
-    def __init__(self, *, agg: str, with_metrics: bool, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        agg: str,
+        with_metrics: bool,
+        ratio_level: str = "token",
+        rollout_is: str | None = None,
+        rollout_is_bounds: tuple[float, float] | None = None,
+        opsm_delta: float | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         checks.check_choice(name, "agg", agg, AGG_MODES)
-        if not isinstance(with_metrics, bool):
-            raise TypeError(f"`{name}`: `with_metrics` must be True or False; got {with_metrics!r}")
+        if not isinstance(with_metrics, bool) and with_metrics != "basic":
+            raise TypeError(f"`{name}`: `with_metrics` must be True, False or 'basic'; got {with_metrics!r}")
         _check_options(name, self._objective, options)
+        self._off_policy = _Options(tuple(check_off_policy(name, dict(
+            ratio_level=ratio_level, rollout_is=rollout_is, rollout_is_bounds=rollout_is_bounds, opsm_delta=opsm_delta
+        )).items()))
         # Held in a frozen dataclass: torch.compile(dynamic=True) treats its floats as constants, whereas
         # float attributes (or dict entries) of a module become symbolic inputs that the checks cannot read.
         self._options = _Options(tuple(options.items()))
@@ -189,6 +201,7 @@ class _PolicyLoss(nn.Module):
         *,
         denominator: float | torch.Tensor | None = None,
         behavior_weights: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
     ) -> LossOutput:
         """The loss of one batch: ``LossOutput(loss, metrics)``.
 
@@ -222,8 +235,10 @@ class _PolicyLoss(nn.Module):
             agg=self.agg,
             denominator=denominator,
             behavior_weights=behavior_weights,
+            rollout_logp=rollout_logp,
             with_metrics=self.with_metrics,
             **dict(self._options.items),
+            **dict(self._off_policy.items),
         )
 
     @property
@@ -287,8 +302,11 @@ class GIPOLoss(_PolicyLoss):
         *,
         agg: str = "token-mean",
         with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, sigma=sigma, sigma_neg=sigma_neg, kernel=kernel)
+        super().__init__(
+            agg=agg, with_metrics=with_metrics, sigma=sigma, sigma_neg=sigma_neg, kernel=kernel, **off_policy
+        )
 
 
 class PPOClipLoss(_PolicyLoss):
@@ -314,9 +332,11 @@ class PPOClipLoss(_PolicyLoss):
         *,
         agg: str = "token-mean",
         with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
         super().__init__(
-            agg=agg, with_metrics=with_metrics, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+            agg=agg, with_metrics=with_metrics, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            **off_policy,
         )
 
 
@@ -333,8 +353,8 @@ class NoClipLoss(_PolicyLoss):
 """,
     )
 
-    def __init__(self, *, agg: str = "token-mean", with_metrics: bool = True) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics)
+    def __init__(self, *, agg: str = "token-mean", with_metrics: bool = True, **off_policy: Any) -> None:
+        super().__init__(agg=agg, with_metrics=with_metrics, **off_policy)
 
 
 class SAPOLoss(_PolicyLoss):
@@ -352,9 +372,15 @@ class SAPOLoss(_PolicyLoss):
     )
 
     def __init__(
-        self, tau_pos: float = 1.0, tau_neg: float = 1.05, *, agg: str = "token-mean", with_metrics: bool = True
+        self,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        *,
+        agg: str = "token-mean",
+        with_metrics: bool = True,
+        **off_policy: Any,
     ) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, tau_pos=tau_pos, tau_neg=tau_neg)
+        super().__init__(agg=agg, with_metrics=with_metrics, tau_pos=tau_pos, tau_neg=tau_neg, **off_policy)
 
 
 class CISPOLoss(_PolicyLoss):
@@ -371,5 +397,13 @@ class CISPOLoss(_PolicyLoss):
 """,
     )
 
-    def __init__(self, clip_max: float = 5.0, *, agg: str = "token-mean", with_metrics: bool = True) -> None:
-        super().__init__(agg=agg, with_metrics=with_metrics, clip_max=clip_max)
+    def __init__(
+        self,
+        clip_max: float = 5.0,
+        clip_min: float | None = None,
+        *,
+        agg: str = "token-mean",
+        with_metrics: bool = True,
+        **off_policy: Any,
+    ) -> None:
+        super().__init__(agg=agg, with_metrics=with_metrics, clip_max=clip_max, clip_min=clip_min, **off_policy)

@@ -29,6 +29,7 @@ from gipo_core._core import objectives as objectives_module  # noqa: E402
 from gipo_core._core.objectives import OBJECTIVES  # noqa: E402
 from gipo_core._lib import _tf_namespace  # noqa: E402
 from gipo_core._lib._tf_namespace import tf_namespace  # noqa: E402
+from params import AGG_PARAMS, IMPLEMENTED_AGG  # noqa: E402
 
 # (public function name, options): every objective, and the options that change its code path.
 CASES = [
@@ -187,7 +188,7 @@ def test_every_objective_matches_numpy_inside_tf_function_and_xla(mode):
         assert_matches_numpy(name, arrays, dict(opts, agg="seq-mean-token-mean"), result=result)
 
 
-@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("agg", AGG_PARAMS)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 def test_aggregation_modes_and_masks_match_numpy(agg, mask_kind):
     logp, old_logp, adv, mask = make_data(per_sequence=False, seed=1)
@@ -338,7 +339,7 @@ def test_dimensions_unknown_at_trace_time(jit):
     logp, old_logp, adv, mask = make_data(shape=(5, 4), seed=10)
     spec = tf.TensorSpec([None, None], tf.float32)
     signature = [spec, spec, tf.TensorSpec([None, 1], tf.float32), tf.TensorSpec([None, None], tf.bool)]
-    cases = [(agg, masked) for agg in AGG_MODES for masked in (False, True)]
+    cases = [(agg, masked) for agg in IMPLEMENTED_AGG for masked in (False, True)]
     traces = []
 
     @tf.function(input_signature=signature, jit_compile=jit)
@@ -465,7 +466,7 @@ def test_loss_module_signatures_follow_the_objective_defaults():
         params = inspect.signature(cls).parameters
         objective = next(o for o in OBJECTIVES.values() if o.public_name == name)
         assert [(k, p.default) for k, p in params.items()][: len(objective.defaults)] == list(objective.defaults)
-        assert list(params)[len(objective.defaults):] == ["agg", "with_metrics", "name"]
+        assert list(params)[len(objective.defaults):] == ["agg", "ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta", "with_metrics", "name"]
         assert cls.__doc__.startswith(objective.summary)
     assert gt.GIPOLoss(0.5, 0.25).options == {"sigma": 0.5, "sigma_neg": 0.25, "kernel": "gaussian"}
     assert gt.PPOClipLoss(name="policy_loss").name == "policy_loss"

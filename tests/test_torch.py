@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 import gipo_core.numpy as gnp  # noqa: E402
 import gipo_core.torch as gt  # noqa: E402
 from gipo_core import AGG_MODES, METRIC_NAMES  # noqa: E402
+from params import AGG_PARAMS  # noqa: E402
 
 LOSSES = ["gipo_loss", "ppo_clip_loss", "no_clip_loss", "sapo_loss", "cispo_loss"]
 OPTIONS = {
@@ -72,7 +73,7 @@ def loss_and_grad(fn, logp, *args, **kw):
 
 
 @pytest.mark.parametrize(("name", "opts"), CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("agg", AGG_PARAMS)
 def test_matches_numpy_oracle_float64(name, opts, agg):
     logp, old, adv, mask = make_batch(dtype=torch.float64, per_seq=(agg != "token-mean"))
     out, grad = loss_and_grad(getattr(gt, name), logp, old, adv, mask, agg=agg, **opts)
@@ -333,7 +334,7 @@ def test_compile_inductor_matches_eager():
 # --------------------------------------------------------------------------------------- data parallelism
 
 
-@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("agg", AGG_PARAMS)
 @pytest.mark.parametrize("world", [2, 4])
 def test_data_parallel_ranks_average_to_the_full_batch(agg, world):
     """DDP averages gradients over ranks: pass each rank the global denominator divided by the world size.
@@ -398,7 +399,7 @@ def test_nan_at_masked_positions_does_not_leak():
         (gt.PPOClipLoss, "ppo_clip_loss", {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 3.0}),
         (gt.NoClipLoss, "no_clip_loss", {}),
         (gt.SAPOLoss, "sapo_loss", {"tau_pos": 1.0, "tau_neg": 2.0}),
-        (gt.CISPOLoss, "cispo_loss", {"clip_max": 3.0}),
+        (gt.CISPOLoss, "cispo_loss", {"clip_max": 3.0, "clip_min": None}),
     ],
 )
 def test_module_matches_function(cls, fn, opts):

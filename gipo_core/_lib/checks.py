@@ -62,6 +62,18 @@ def check_positive(fn: str, name: str, value: Any) -> float:
     return float(value)
 
 
+def check_nonnegative(fn: str, name: str, value: Any) -> float:
+    if not _is_real_number(value) or not math.isfinite(float(value)) or float(value) < 0.0:
+        raise ValueError(f"`{fn}`: `{name}` must be a finite number >= 0; got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_finite(fn: str, name: str, value: Any) -> float:
+    if not _is_real_number(value) or not math.isfinite(float(value)):
+        raise ValueError(f"`{fn}`: `{name}` must be a finite number; got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def check_greater_than(fn: str, name: str, value: Any, bound: float) -> float:
     if not _is_real_number(value) or not math.isfinite(float(value)) or float(value) <= bound:
         raise ValueError(f"`{fn}`: `{name}` must be a finite number > {bound:g}; got {value!r}")
