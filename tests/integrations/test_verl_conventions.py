@@ -24,6 +24,11 @@ import gipo_core.torch as gt
 B, T = 6, 9
 
 
+def _rtol(agg: str) -> float:
+    """verl's seq-mean-token-mean divides each sequence by (length + 1e-8): a relative 1e-8 / length apart."""
+    return 2e-8 if agg == "seq-mean-token-mean" else 1e-12
+
+
 def _inputs(seed: int, per_sequence: bool, scale: float = 0.05) -> dict:
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.05
@@ -66,8 +71,8 @@ def test_gspo_equals_verl(per_sequence, agg, bands) -> None:
                                     ratio_level="sequence", agg=agg).loss,
         x["logp"],
     )
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, ref_loss, rtol=_rtol(agg), atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=_rtol(agg), atol=1e-14)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -89,7 +94,7 @@ def test_aggregation_equals_agg_loss(agg, dp_size) -> None:
                        "seq-mean-token-mean": n_seq, "seq-mean-token-sum-norm": n_seq * T}[agg] / dp_size
     got = gt.no_clip_loss(x["logp"], x["old"], x["adv"], x["mask"], agg=agg, denominator=denominator,
                           with_metrics=False).loss
-    torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, ref.to(got.dtype), rtol=_rtol(agg), atol=1e-14)
 
 
 def test_cispo_two_sided_equals_verl() -> None:
