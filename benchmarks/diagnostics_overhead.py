@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "full": (GIPOLoss(with_metrics=True), {}),
         "basic": (GIPOLoss(with_metrics="basic"), {}),
         "off-policy full": (
-            GIPOLoss(with_metrics=True),
-            {"rollout_logp": x["rollout"], "ratio_level": "sequence", "rollout_is": "token-mask", "opsm_delta": 0.5},
+            GIPOLoss(with_metrics=True, ratio_level="sequence", rollout_is="token-mask", opsm_delta=0.5),
+            {"rollout_logp": x["rollout"]},
         ),
     }
     saved = fused_settings()
