@@ -153,6 +153,22 @@ def test_no_nan_for_finite_inputs(target, dtype, case) -> None:
         assert not nan, f"NaN diagnostics: {nan}"
 
 
+@pytest.mark.conformance(cases=lambda: [c for c in _variants("bool", "bt") if c.agg == "token-mean"],
+                         dtypes=("float32",))
+def test_nan_input_shows_in_every_diagnostic(target, dtype, case) -> None:
+    """A NaN at a valid element of logp or of the advantages makes every diagnostic but n_valid NaN (none may
+    hide it as a number, as ess once did with 0.0)."""
+    inputs = rounded_inputs(case, dtype)
+    valid = np.argwhere(inputs["mask"])[0]
+    for key in ("logp", "advantages"):
+        poisoned = {k: v.copy() for k, v in inputs.items()}
+        poisoned[key][tuple(valid)] = np.nan
+        got, _ = harness.run_case(target, case, dtype, poisoned)
+        numbers = {k: float(v) for k, v in got["metrics"].items() if k != "n_valid" and not np.isnan(v)}
+        assert not numbers, f"NaN in {key}, yet these diagnostics are numbers: {numbers}"
+        assert float(got["metrics"]["n_valid"]) == float(np.sum(inputs["mask"]))
+
+
 def _shard_cases() -> list[Case]:
     base = [c for c in _variants("rows", "bt-perseq") if c.objective in ("gipo", "ppo_clip", "cispo")]
     off = []
