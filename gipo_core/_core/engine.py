@@ -10,8 +10,11 @@ nothing else.
 
 Numerics, the same for every objective:
 
-- Work in float32, or float64 when any of ``logp``, ``old_logp``, ``advantages`` is float64; reductions
-  accumulate in that dtype (float16 inputs with more than 65,504 elements count right).
+- Work in float32, or float64 when any of ``logp``, ``old_logp``, ``advantages``, ``rollout_logp`` is
+  float64; reductions accumulate in that dtype (float16 inputs with more than 65,504 elements count right).
+- Every sequence quantity (sequence ratio, sequence and geometric rollout weights, OPSM, the per-sequence
+  counts of the ``seq-mean-*`` modes) goes through ``sequence.py``: masked sums and means over valid elements.
+- Off-policy weights are formed in log space: one exp of a clipped log-weight.
 - Masked elements get ``l = 0`` and ``A = 0`` *before* any exp, so NaN or inf sitting at masked positions
   never reaches the loss, the gradient or the diagnostics.
 - Every denominator is guarded: an all-masked batch gives loss 0, gradient 0 and finite diagnostics.
@@ -132,6 +135,7 @@ def metric_names(spec: LossSpec, rollout: bool) -> tuple[str, ...]:
     (the off-policy diagnostics of the options in use stay)."""
     if not spec.with_metrics:
         return ()
+    names: tuple[str, ...]
     if spec.with_metrics == "basic":
         names = BASIC_METRIC_NAMES
     else:
@@ -151,7 +155,7 @@ def rollout_bounds(spec: LossSpec) -> tuple[float, float]:
     """``(low, high)`` of the spec's rollout correction (the mode's default when none are given)."""
     if spec.rollout_is_bounds is not None:
         return spec.rollout_is_bounds
-    return DEFAULT_ROLLOUT_IS_BOUNDS[spec.rollout_is]
+    return DEFAULT_ROLLOUT_IS_BOUNDS[str(spec.rollout_is)]
 
 
 def work_dtype(xp: Any, *arrays: Any) -> Any:
@@ -331,7 +335,7 @@ def _rollout_correction(r: Any, valid: Any, count: Any, spec: LossSpec, xp: Any)
     is one exp of a clipped log-weight, so a sum of thousands of token log-weights cannot overflow."""
     low, high = rollout_bounds(spec)
     log_low, log_high = _log(low), _log(high)
-    mode = spec.rollout_is
+    mode = str(spec.rollout_is)
     if mode.startswith("token"):
         log_w = r
     elif mode.startswith("sequence"):
@@ -376,7 +380,7 @@ class _Reducer:
         self.n_total = math.prod(ell.shape) if static else None
         self.static = static
         if valid is None:
-            self.n = float(self.n_total) if static else _counts(ell, xp)[1]
+            self.n = float(math.prod(ell.shape)) if static else _counts(ell, xp)[1]
             self.n_valid = xp.sum(xp.ones_like(ell))
         else:
             self.n_valid = self.n = xp.sum(xp.astype(valid, self.wd))
