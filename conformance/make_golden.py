@@ -93,10 +93,10 @@ METRICS = (
     "kl_k1",
     "kl_k3",
     "ppo_clip_frac",
+    "ppo_clip_frac_lower",
     "n_valid",
 )
 #: Diagnostics added by option (names and order as the library documents them).
-PPO_METRICS = ("ppo_clip_frac_lower",)
 SEQUENCE_METRICS = ("seq_ratio_max", "seq_ratio_min")
 ROLLOUT_METRICS = (
     "rollout_weight_mean",
@@ -508,8 +508,6 @@ def _evaluate(objective, options, agg, logp, old_logp, advantages, mask, behavio
 def metric_names(objective: str, options: dict, rollout: bool) -> tuple:
     """The diagnostics a call returns, in the documented order."""
     names = METRICS
-    if objective == "ppo_clip":
-        names += PPO_METRICS
     if options.get("ratio_level") == "sequence":
         names += SEQUENCE_METRICS
     if rollout:
@@ -573,7 +571,7 @@ def _diagnostics(elems: list, work: str, objective: str = "", options: dict | No
     scale: dict = {}
     overflow: dict = {}
     work_max = MAX[work]
-    base = METRICS + (PPO_METRICS if objective == "ppo_clip" else ())
+    base = METRICS
     names_zero = {k: 0.0 for k in base}
     if n == 0:
         return names_zero, dict(names_zero), {k: False for k in base}, set()
@@ -614,13 +612,9 @@ def _diagnostics(elems: list, work: str, objective: str = "", options: dict | No
     overflow["kl_k3"] = any(abs(a) > work_max for a in em1)
     hi, lo = _clip_band(objective, options)
     metrics["ppo_clip_frac"] = sum((r > hi and a > 0) or (r < lo and a < 0) for r, a in zip(rhos, advs)) / n
-    counting = COUNTING
-    if objective == "ppo_clip":
-        dual = options.get("dual_clip")
-        metrics["ppo_clip_frac_lower"] = (
-            sum(a < 0 and r > mp.mpf(dual) for r, a in zip(rhos, advs)) / n if dual is not None else 0.0
-        )
-        counting = COUNTING + PPO_METRICS
+    dual = mp.mpf(_dual_clip(objective, options))
+    metrics["ppo_clip_frac_lower"] = sum(a < 0 and r > dual for r, a in zip(rhos, advs)) / n
+    counting = COUNTING + ("ppo_clip_frac_lower",)
     metrics["n_valid"] = float(n)
     for name in counting + ("n_valid",):
         scale[name] = abs(metrics[name])  # count / n: a couple of roundings
@@ -630,11 +624,17 @@ def _diagnostics(elems: list, work: str, objective: str = "", options: dict | No
         ambiguous |= {"low_weight_frac", "low_weight_frac_pos", "low_weight_frac_neg"}
     if any(e["near_clip"] for e in elems):
         ambiguous.add("ppo_clip_frac")
-    if objective == "ppo_clip" and options.get("dual_clip") is not None:
-        d = mp.mpf(options["dual_clip"])
-        if any(abs(e["rho"] / d - 1) < 64 * EPS[work] * e["kappa"] for e in elems):
-            ambiguous.add("ppo_clip_frac_lower")
+    d = mp.mpf(_dual_clip(objective, options))
+    if any(abs(e["rho"] / d - 1) < 64 * EPS[work] * e["kappa"] for e in elems):
+        ambiguous.add("ppo_clip_frac_lower")
     return {k: float(metrics[k]) for k in base}, scale, overflow, ambiguous
+
+
+def _dual_clip(objective: str, options: dict) -> float:
+    """The c of ``ppo_clip_frac_lower`` (A < 0 with rho > c): PPO-clip's own dual clip, else 3 (verl's default)."""
+    if objective == "ppo_clip" and options.get("dual_clip") is not None:
+        return float(options["dual_clip"])
+    return 3.0
 
 
 def _clip_band(objective: str, options: dict) -> tuple:
@@ -934,6 +934,18 @@ def golden_entry(case: dict) -> dict:
     return out
 
 
+def _as_stored(entry: dict, stored: dict) -> dict:
+    """``entry`` with only the diagnostics ``stored`` has: an entry written before a diagnostic was added keeps
+    checking the quantities it holds (the data is append-only; new diagnostics are checked by new entries)."""
+    for dtype, part in entry["dtypes"].items():
+        old = stored["dtypes"][dtype]["expected"]
+        exp = part["expected"]
+        for key in ("metrics", "overflow", "scale"):
+            exp[key] = {k: v for k, v in exp[key].items() if k in old[key]}
+        exp["ambiguous"] = [k for k in exp["ambiguous"] if k in old["ambiguous"] or k in old["metrics"]]
+    return entry
+
+
 def provenance() -> dict:
     return {
         "generator": "conformance/make_golden.py",
@@ -957,7 +969,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in golden_cases():
             if case["id"] in SUPERSEDED:
                 continue  # stored under the old convention on purpose; its replacement is checked
-            if case["id"] in known and json.dumps(golden_entry(case)) != json.dumps(known[case["id"]]):
+            if case["id"] in known and json.dumps(_as_stored(golden_entry(case), known[case["id"]])) != json.dumps(
+                known[case["id"]]
+            ):
                 drift.append(case["id"])
         print("drift in: " + ", ".join(drift) if drift else f"{len(known)} stored cases reproduce exactly")
         return 1 if drift else 0

@@ -143,7 +143,7 @@ def test_metric_sets():
     option's own diagnostics added when it is on, none with False."""
     logp, old, adv, mask, rollout = _batch(5)
     full = gnp.ppo_clip_loss(logp, old, adv, mask, dual_clip=3.0).metrics
-    assert tuple(full) == METRIC_NAMES + ("ppo_clip_frac_lower",)
+    assert tuple(full) == METRIC_NAMES
     basic = gnp.ppo_clip_loss(logp, old, adv, mask, dual_clip=3.0, with_metrics="basic").metrics
     assert tuple(basic) == BASIC_METRIC_NAMES
     assert {k: float(basic[k]) for k in basic} == {k: float(full[k]) for k in basic}
@@ -155,13 +155,16 @@ def test_metric_sets():
 
 
 def test_ppo_clip_fractions_at_the_loss_band():
-    """ppo_clip_frac counts at the loss's own clip_low / clip_high; ppo_clip_frac_lower what the dual clip caps."""
+    """ppo_clip_frac counts at the loss's own clip_low / clip_high; ppo_clip_frac_lower what the dual clip caps
+    (at 3, verl's default, for a loss without one)."""
     ell = np.log(np.array([1.1, 1.25, 0.85, 0.95, 4.0, 1.0]))
     adv = np.array([1.0, 1.0, -1.0, -1.0, -1.0, 1.0])
     out = gnp.ppo_clip_loss(ell, np.zeros(6), adv, clip_low=0.1, clip_high=0.28, dual_clip=3.0).metrics
     # silenced in the band [0.9, 1.28]: rho = 0.85 with A < 0 (1.25 with A > 0 is inside; 4 with A < 0 is not)
     assert math.isclose(float(out["ppo_clip_frac"]), 1 / 6)
     assert math.isclose(float(out["ppo_clip_frac_lower"]), 1 / 6)  # rho = 4 > 3 with A < 0
+    assert float(gnp.ppo_clip_loss(ell, np.zeros(6), adv, dual_clip=5.0).metrics["ppo_clip_frac_lower"]) == 0.0
+    assert math.isclose(float(gnp.gipo_loss(ell, np.zeros(6), adv).metrics["ppo_clip_frac_lower"]), 1 / 6)
 
 
 @pytest.mark.parametrize("mode", MODES)

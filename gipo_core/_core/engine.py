@@ -81,13 +81,12 @@ METRIC_NAMES = (
     "kl_k1",
     "kl_k3",
     "ppo_clip_frac",
+    "ppo_clip_frac_lower",
     "n_valid",
 )
 #: ``with_metrics="basic"``: the diagnostics that cost a few reductions only (the gradient multiplier's mean and
 #: largest value, the k1 KL estimate and the count), for eager paths where every extra pass over the data shows.
 BASIC_METRIC_NAMES = ("grad_mult_mean", "grad_mult_max", "kl_k1", "n_valid")
-#: Added for ``ppo_clip_loss``: the fraction where the dual clip bounds the loss (verl's pg_clipfrac_lower).
-PPO_METRIC_NAMES = ("ppo_clip_frac_lower",)
 #: Added at ``ratio_level="sequence"``: extremes of the sequence ratio exp(mean log-ratio) over non-empty rows.
 SEQUENCE_METRIC_NAMES = ("seq_ratio_max", "seq_ratio_min")
 #: Added when ``rollout_logp`` is given: the correction weight actually applied (the raw exp(old - rollout)
@@ -104,6 +103,8 @@ OPSM_METRIC_NAMES = ("opsm_masked_token_frac", "opsm_masked_seq_frac")
 
 #: The PPO clip width the ``ppo_clip_frac`` diagnostic uses for objectives other than PPO-clip.
 DIAGNOSTIC_PPO_EPS = 0.2
+#: The dual-clip constant ``ppo_clip_frac_lower`` uses where the loss has none (verl's ``clip_ratio_c``).
+DIAGNOSTIC_DUAL_CLIP = 3.0
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,6 @@ def metric_names(spec: LossSpec, rollout: bool) -> tuple[str, ...]:
         names = BASIC_METRIC_NAMES
     else:
         names = METRIC_NAMES
-        if OBJECTIVES[spec.objective].name == "ppo_clip":
-            names += PPO_METRIC_NAMES
     if spec.ratio_level == "sequence":
         names += SEQUENCE_METRIC_NAMES
     if rollout:
@@ -318,7 +317,7 @@ def forward(
     if not spec.with_metrics:
         return loss, saved, {}
     names = metric_names(spec, r is not None)
-    base = tuple(n for n in names if n in METRIC_NAMES or n in PPO_METRIC_NAMES)
+    base = tuple(n for n in names if n in METRIC_NAMES)
     metrics = diagnostics(ell, ell_eff, adv, terms.mult, valid, spec, xp, base)
     if sequence:
         metrics.update(_sequence_diagnostics(ell_seq, count, xp))
@@ -386,10 +385,6 @@ class _Reducer:
             self.n_valid = self.n = xp.sum(xp.astype(valid, self.wd))
         self.inv_n = 1.0 / _guard(self.n, xp)
 
-    def inv_zero(self) -> Any:
-        """A 0-d array of the work dtype on the inputs' device (to build constants from)."""
-        return self.n_valid * 0.0
-
     def masked(self, x: Any, fill: float) -> Any:
         return x if self.valid is None else self.xp.where(self.valid, x, fill)
 
@@ -443,8 +438,8 @@ def diagnostics(
     ``log_ratio_abs_*`` and ``kl_k1``, ``kl_k3`` (the estimators ``mean(-l)`` and ``mean(expm1(-l) + l)`` of
     KL(mu || pi)) the token log-ratio ``l``, ``ppo_clip_frac`` the fraction PPO-clip silences (rho > 1 +
     clip_high with A > 0 or rho < 1 - clip_low with A < 0; the loss's own band for ``ppo_clip_loss``, eps =
-    0.2 for the others), ``ppo_clip_frac_lower`` (``ppo_clip_loss`` only) the fraction where the dual clip
-    bounds the loss, ``n_valid`` the number of valid elements. With no valid element every entry is 0; a NaN
+    0.2 for the others), ``ppo_clip_frac_lower`` the fraction a dual clip caps (A < 0 with rho > c: the loss's
+    ``dual_clip`` for ``ppo_clip_loss``, c = 3 where there is none, verl's default), ``n_valid`` the number of valid elements. With no valid element every entry is 0; a NaN
     at a valid element (of the log-ratio or the advantage; log-ratios of +inf and -inf together count as
     one) makes every entry but ``n_valid`` NaN.
     """
@@ -452,7 +447,7 @@ def diagnostics(
     opts = spec.opts
     is_ppo = objective.name == "ppo_clip"
     if not names:
-        names = METRIC_NAMES + (PPO_METRIC_NAMES if is_ppo else ())
+        names = METRIC_NAMES
     red = _Reducer(ell, valid, xp)
     cache: dict[str, Any] = {}
 
@@ -466,6 +461,8 @@ def diagnostics(
     else:
         hi, lo = 1.0 + DIAGNOSTIC_PPO_EPS, 1.0 - DIAGNOSTIC_PPO_EPS
     dual = opts.get("dual_clip") if is_ppo else None
+    if dual is None:
+        dual = DIAGNOSTIC_DUAL_CLIP
     parts = {
         "omega": lambda: objective.weight(ell_eff, adv, opts, xp),
         "rho": lambda: xp.exp(ell_eff),
@@ -493,11 +490,7 @@ def diagnostics(
         "ppo_clip_frac": lambda: red.frac(
             ((ell_eff > math.log(hi)) & (adv > 0)) | ((ell_eff < math.log(lo)) & (adv < 0)), false_outside=True
         ),
-        "ppo_clip_frac_lower": lambda: (
-            red.frac((adv < 0) & (ell_eff > math.log(dual)), false_outside=True)
-            if dual is not None
-            else xp.full_like(red.inv_zero(), 0.0)
-        ),
+        "ppo_clip_frac_lower": lambda: red.frac((adv < 0) & (ell_eff > math.log(dual)), false_outside=True),
         "n_valid": lambda: red.n_valid,
     }
     values = {name: get(name) for name in names}
