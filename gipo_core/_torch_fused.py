@@ -21,14 +21,19 @@ Never inside ``torch.compile`` or ``torch.export`` (the caller's graph already f
 ``torch.func.vmap``, under a ``TorchDispatchMode`` (fake tensors, tracing, FLOP counting), under
 ``torch.jit.trace`` or for tensor subclasses: those run the plain path. ``torch.func.grad`` runs an
 autograd.Function's forward on plain tensors, so the kernel is used there. The first call for a new option
-set compiles (seconds); if compiling fails (no C++ compiler, an unsupported platform) a ``RuntimeWarning``
-says so once and that option set keeps the plain path.
+set and call signature compiles (seconds; the ``denominator``'s value is a tensor input and never
+recompiles); if compiling fails (no C++ compiler, an unsupported platform) a ``RuntimeWarning`` says so once
+and those calls keep the plain path.
+
+:func:`core_forward` is the single entry of the torch adapter (``gipo_core.torch``) into the core's forward:
+it chooses between this kernel and the op-by-op core.
 
 Results equal the plain path's to within rounding: the compiled loops sum in another order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Callable
@@ -43,7 +48,8 @@ __all__ = ["core_forward", "set_fused", "fused_settings"]
 
 MODES = ("auto", "always", "never")
 
-#: At most this many option sets get a kernel (each costs a compile of seconds); later ones run op by op.
+#: At most this many (option set, call signature) pairs get a kernel (each costs a compile of seconds); later
+#: ones run op by op.
 MAX_KERNELS = 16
 
 #: The environment variable that sets the starting mode (read once, at import).
@@ -60,8 +66,8 @@ def _mode_from_env() -> str:
 
 
 _settings: dict[str, Any] = {"mode": _mode_from_env(), "min_numel": 1 << 16}
-# LossSpec -> compiled kernel, or None once compiling it failed (failures count towards MAX_KERNELS).
-_kernels: dict[LossSpec, Callable[..., Any] | None] = {}
+# (LossSpec, call signature) -> compiled kernel, or None once it failed (failures count towards MAX_KERNELS).
+_kernels: dict[tuple[LossSpec, tuple[Any, ...]], Callable[..., Any] | None] = {}
 _warned_full = False
 
 
@@ -88,12 +94,13 @@ def set_fused(mode: str = "auto", *, min_numel: int = 1 << 16) -> None:
 
     Notes
     -----
-    The kernel is the same core function, compiled once per option set (``LossSpec``) with dynamic shapes;
-    the first call compiles (seconds). It agrees with the op-by-op path to within rounding (another
-    summation order). If compiling fails, a ``RuntimeWarning`` says so once and that option set keeps the
-    op-by-op path. At most ``MAX_KERNELS`` (16) option sets get a kernel: an option that changes every step
-    (a sigma schedule) would otherwise compile every step; later option sets run op by op, with one
-    ``RuntimeWarning``.
+    The kernel is the same core function, compiled once per option set (``LossSpec``) and call signature
+    (which optional arrays are given, dtypes, ranks, size-1 axes) with dynamic shapes; the first such call
+    compiles (seconds). The ``denominator``'s value never compiles anything: a number or a tensor, it is a
+    tensor input of the kernel. It agrees with the op-by-op path to within rounding (another summation
+    order). If compiling fails, a ``RuntimeWarning`` says so once and those calls keep the op-by-op path. At
+    most ``MAX_KERNELS`` (16) kernels are built: an option that changes every step (a sigma schedule) would
+    otherwise compile every step; later ones run op by op, with one ``RuntimeWarning`` saying why.
 
     Examples
     --------
@@ -143,42 +150,65 @@ def _compile(spec: LossSpec) -> Callable[..., Any]:
     def kernel(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp):
         return _plain((logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp), spec)
 
-    # A code object of its own per option set: dynamo keeps compiled entries per code object and stops
-    # recompiling after a few (the recompile limit), and ``spec`` differs only in the closure.
+    # A code object of its own per kernel: dynamo keeps compiled entries per code object and stops
+    # recompiling after a few (the recompile limit); one kernel serves one key, so it compiles once.
     kernel.__code__ = kernel.__code__.replace(co_name=f"gipo_core_forward_{len(_kernels)}")
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
+def _signature(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What makes dynamo build another graph: which arrays are given, their dtypes, ranks and 0/1 sizes
+    (dynamic shapes specialise sizes 0 and 1), and the device. Never a value."""
+    return tuple(
+        None if a is None else (a.dtype, a.device.type, tuple(min(int(d), 2) for d in a.shape)) for a in arrays
+    )
+
+
 def core_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
-    """``(loss, saved, stacked diagnostics or None)`` from the core: compiled when eligible, else op by op."""
-    if not _eligible(arrays[0]):
+    """``(loss, saved, stacked diagnostics or None)`` from the core: compiled when eligible, else op by op.
+
+    One kernel per option set and call signature (see ``_signature``). A number ``denominator`` (a global
+    token count that changes every step) and an array one both reach the kernel as a 0-d float64 tensor
+    input, so no value of it ever compiles anything.
+    """
+    logp = arrays[0]
+    if not _eligible(logp):
         return _plain(arrays, spec)
-    kernel = _kernels.get(spec, False)
-    if kernel is False:
-        if len(_kernels) >= MAX_KERNELS:
-            _warn_full()
-            return _plain(arrays, spec)
-        kernel = _kernels[spec] = _compile(spec)
-    if kernel is None:
-        return _plain(arrays, spec)
+    denominator = arrays[5]
+    if spec.denominator is not None:
+        denominator = torch.tensor(spec.denominator, dtype=torch.float64, device=logp.device)
+        spec = dataclasses.replace(spec, denominator=None)
+    elif denominator is not None:
+        denominator = denominator.reshape(()).to(torch.float64)
     mask = arrays[3]
     if mask is not None and mask.dtype == torch.bool and mask.device.type == "cpu":
         # Inductor's CPU code loads bool vectors slowly (a bool mask made the kernel about 1.5x slower than a
         # float one, measured at 2^22): a 0/1 float32 mask gives the same values (the core's float-mask
         # path multiplies by 1 or 0), and bool -> uint8 -> float32 is the cheaper conversion.
-        arrays = (*arrays[:3], mask.view(torch.uint8).to(torch.float32), *arrays[4:])
+        mask = mask.view(torch.uint8).to(torch.float32)
+    arrays = (*arrays[:3], mask, arrays[4], denominator, *arrays[6:])
+    key = (spec, _signature(arrays))
+    kernel = _kernels.get(key, False)
+    if kernel is False:
+        if len(_kernels) >= MAX_KERNELS:
+            _warn_full()
+            return _plain(arrays, spec)
+        kernel = _kernels[key] = _compile(spec)
+    if kernel is None:
+        return _plain(arrays, spec)
     try:
         return kernel(*arrays)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: keep the plain path for this option set
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: keep the plain path for this key
         failure = exc
     # Outside the handler: if the inputs themselves are at fault, the plain path raises their error, alone,
     # and the kernel is kept.
     result = _plain(arrays, spec)
-    _kernels[spec] = None
+    _kernels[key] = None
     reason = (str(failure).strip().splitlines() or [""])[0][:300]
     warnings.warn(
-        f"gipo_core.torch: compiling the fused loss kernel failed ({type(failure).__name__}: {reason}); "
-        "this option set runs op by op from now on (gipo_core.torch.set_fused('never') silences this)",
+        f"gipo_core.torch: the fused loss kernel failed to compile or run for this option set and call "
+        f"signature ({type(failure).__name__}: {reason}); these calls run op by op from now on, with the same "
+        "results (gipo_core.torch.set_fused('never') silences this)",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -190,9 +220,11 @@ def _warn_full() -> None:
     if not _warned_full:
         _warned_full = True
         warnings.warn(
-            f"gipo_core.torch: {MAX_KERNELS} option sets already have a fused kernel (each costs a compile); "
-            "new option sets run op by op. Changing an option every step (a sigma schedule) would compile "
-            "each value: use gipo_core.torch.set_fused('never') for that, or a few fixed values",
+            f"gipo_core.torch: {MAX_KERNELS} fused kernels are already compiled, one per option set and call "
+            "signature (which of mask, behavior_weights, denominator, rollout_logp are given, their dtypes, "
+            "ranks and size-1 axes; never the denominator's value); calls that would need another run op by op, "
+            "with the same results. Many option sets (an option changed every step) or many input layouts "
+            "cause this: keep them few, or call gipo_core.torch.set_fused('never')",
             RuntimeWarning,
             stacklevel=5,
         )

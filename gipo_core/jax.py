@@ -30,40 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._api import (
-    _OPTION_DOCS,
-    AGG_MODES,
-    OFF_POLICY_DEFAULTS,
-    LossArrays,
-    LossOutput,
-    _check_options,
-    check_off_policy,
-    make_api,
-)
+from . import _typing
+from ._api import Backend, LossArrays, LossClass, LossOutput, make_api
 from ._core.engine import LossSpec, backward, forward, metric_names
-from ._core.objectives import OBJECTIVES
-from ._lib import checks
 
-__all__ = [
-    "LossOutput",
-    "gipo_loss",
-    "ppo_clip_loss",
-    "no_clip_loss",
-    "sapo_loss",
-    "cispo_loss",
-    "gaussian_trust_weight",
-    "GIPOLoss",
-    "PPOClipLoss",
-    "NoClipLoss",
-    "SAPOLoss",
-    "CISPOLoss",
-]
+__all__ = ["LossOutput"]
+
+_Array = jax.Array
 
 _EXAMPLE = """>>> import jax, jax.numpy as jnp
 >>> from gipo_core.jax import {fn}
@@ -117,127 +96,25 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     return LossOutput(loss, {name: metrics[name] for name in names})
 
 
-def _accept_numpy(fn: Callable) -> Callable:
-    """``fn`` with NumPy arrays among its array arguments moved to JAX first, as ``jax.numpy`` functions do.
-
-    Without this, an all-NumPy call would run in NumPy (no ``custom_vjp``) and a mixed call would be
-    rejected as two array libraries. Other array types are left for the checks to reject by name.
-    """
-
-    def to_jax(x: Any) -> Any:
-        return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        args = tuple(to_jax(a) for a in args)
-        kwargs = {k: to_jax(v) if k in _ARRAY_KEYWORDS else v for k, v in kwargs.items()}
-        return fn(*args, **kwargs)
-
-    return wrapper
+def _to_jax(x: Any) -> Any:
+    """NumPy arrays move to JAX, as ``jax.numpy`` functions do; anything else is left for the checks."""
+    return jnp.asarray(x) if isinstance(x, np.ndarray) else x
 
 
-_ARRAY_KEYWORDS = frozenset(
-    {"logp", "old_logp", "advantages", "mask", "behavior_weights", "denominator", "rollout_logp", "log_ratio"}
+_BACKEND = Backend(
+    __name__, _run, "jax.Array (or NumPy array)", lambda x: isinstance(x, jax.Array), convert=_to_jax, example=_EXAMPLE
 )
-
-_api = {name: _accept_numpy(fn) for name, fn in make_api(_run, __name__, _EXAMPLE).items()}
-
-gipo_loss = _api["gipo_loss"]
-ppo_clip_loss = _api["ppo_clip_loss"]
-no_clip_loss = _api["no_clip_loss"]
-sapo_loss = _api["sapo_loss"]
-cispo_loss = _api["cispo_loss"]
-gaussian_trust_weight = _api["gaussian_trust_weight"]
+_api = make_api(_BACKEND)
 
 
-# ------------------------------------------------------------------------------------------------ classes
+class _Base:
+    """The JAX side of the loss classes: frozen, hashable, equal when their options are, and a static pytree
+    node with no leaves, so an instance can be closed over in ``jax.jit``, passed to a jitted function as an
+    ordinary or a static argument, and used as a key."""
 
-
-@dataclasses.dataclass(frozen=True)
-class _LossFn:
-    """Options of one objective in a frozen, hashable dataclass, callable on arrays.
-
-    Subclasses declare the objective's options as fields (positional, in the order of the function's
-    keywords); ``agg`` and ``with_metrics`` are keyword-only.
-    """
-
-    _objective: ClassVar[str]
-    agg: str = dataclasses.field(default="token-mean", kw_only=True)
-    ratio_level: str = dataclasses.field(default="token", kw_only=True)
-    rollout_is: str | None = dataclasses.field(default=None, kw_only=True)
-    rollout_is_bounds: tuple[float, float] | None = dataclasses.field(default=None, kw_only=True)
-    opsm_delta: float | None = dataclasses.field(default=None, kw_only=True)
-    with_metrics: bool = dataclasses.field(default=True, kw_only=True)
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        checks.check_choice(name, "agg", self.agg, AGG_MODES)
-        if not isinstance(self.with_metrics, bool) and self.with_metrics != "basic":
-            raise TypeError(f"`{name}`: `with_metrics` must be True, False or 'basic'; got {self.with_metrics!r}")
-        # Validate the options once, at construction, and store them as the functions see them (floats).
-        for key, value in _check_options(name, self._objective, self.options):
-            object.__setattr__(self, key, value)
-        for key, value in check_off_policy(name, {k: getattr(self, k) for k in OFF_POLICY_DEFAULTS}).items():
-            object.__setattr__(self, key, value)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The objective's options (no ``agg``, no ``with_metrics``), by name."""
-        return {key: getattr(self, key) for key in OBJECTIVES[self._objective].option_names}
-
-    def __call__(
-        self,
-        logp: Any,
-        old_logp: Any,
-        advantages: Any,
-        mask: Any = None,
-        *,
-        denominator: Any = None,
-        behavior_weights: Any = None,
-        rollout_logp: Any = None,
-    ) -> LossOutput:
-        """``LossOutput(loss, metrics)`` for these arrays; see the matching function for shapes and math."""
-        fn = _api[OBJECTIVES[self._objective].public_name]
-        return fn(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            **self.options,
-            agg=self.agg,
-            denominator=denominator,
-            behavior_weights=behavior_weights,
-            rollout_logp=rollout_logp,
-            **{k: getattr(self, k) for k in OFF_POLICY_DEFAULTS},
-            with_metrics=self.with_metrics,
-        )
-
-
-_CLASS_DOC = """{summary}
-
-A frozen, hashable dataclass and a static pytree node (it has no leaves): safe to close over inside
-``jax.jit``, to pass to a jitted function as an ordinary or a static argument, and to use as a key. Calling it is ``{fn}(logp, old_logp, advantages, mask, **options, agg=..., with_metrics=...,
-denominator=denominator, behavior_weights=behavior_weights)``; the options are checked once, here.
-
-Parameters
-----------
-{options}agg : str, default 'token-mean'
-    Keyword-only; one of {agg}.
-with_metrics : bool, default True
-    Keyword-only; False returns an empty metrics dict and skips their computation.
-
-Raises
-------
-ValueError
-    An option that is not finite and positive, an unknown kernel or ``agg``.
-
-See Also
---------
-{fn} : the function, with the shapes, the math and the diagnostics.
-
-Examples
---------
->>> import jax, jax.numpy as jnp
+    _backend = _BACKEND
+    _spec: LossSpec
+    _example = """>>> import jax, jax.numpy as jnp
 >>> from gipo_core.jax import {cls}
 >>> loss_fn = {cls}()
 >>> logp = jnp.zeros((2, 3)); adv = jnp.array([[1.0], [-1.0]])
@@ -248,57 +125,61 @@ Examples
 True
 """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_static(cls)
 
-def _document(cls: type) -> type:
-    """Fill in the docstring and register the class as a static pytree node (no leaves: it can be an
-    ordinary argument of a jitted function and is part of the cache key, like a static argument)."""
-    jax.tree_util.register_static(cls)
-    objective = OBJECTIVES[cls._objective]
-    cls.__doc__ = _CLASS_DOC.format(
-        summary=objective.summary,
-        fn=objective.public_name,
-        cls=cls.__name__,
-        options="".join(_OPTION_DOCS[k] for k in objective.option_names),
-        agg=", ".join(repr(a) for a in AGG_MODES),
-    )
-    return cls
+    def _init_framework(self) -> None:
+        pass
 
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
 
-@_document
-@dataclasses.dataclass(frozen=True)
-class GIPOLoss(_LossFn):
-    _objective: ClassVar[str] = "gipo"
-    sigma: float = 1.0
-    sigma_neg: float | None = None
-    kernel: str = "gaussian"
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
 
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
 
-@_document
-@dataclasses.dataclass(frozen=True)
-class PPOClipLoss(_LossFn):
-    _objective: ClassVar[str] = "ppo_clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._spec == self._spec  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._spec))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"  # type: ignore[attr-defined]
+
+    __call__ = LossClass.forward
 
 
-@_document
-@dataclasses.dataclass(frozen=True)
-class NoClipLoss(_LossFn):
-    _objective: ClassVar[str] = "no_clip"
+# --- generated by `python -m gipo_core._codegen` from the registry: do not edit ---
+__all__ += ["gipo_loss", "ppo_clip_loss", "no_clip_loss", "sapo_loss", "cispo_loss", "gaussian_trust_weight", "GIPOLoss", "PPOClipLoss", "NoClipLoss", "SAPOLoss", "CISPOLoss"]
+
+gipo_loss: _typing.GipoLossFunction[_Array] = _api["gipo_loss"]
+ppo_clip_loss: _typing.PpoClipLossFunction[_Array] = _api["ppo_clip_loss"]
+no_clip_loss: _typing.NoClipLossFunction[_Array] = _api["no_clip_loss"]
+sapo_loss: _typing.SapoLossFunction[_Array] = _api["sapo_loss"]
+cispo_loss: _typing.CispoLossFunction[_Array] = _api["cispo_loss"]
+gaussian_trust_weight: _typing.GaussianTrustWeightFunction[_Array] = _api["gaussian_trust_weight"]
 
 
-@_document
-@dataclasses.dataclass(frozen=True)
-class SAPOLoss(_LossFn):
-    _objective: ClassVar[str] = "sapo"
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
+class GIPOLoss(_typing.GIPOLossInit[_Array], _Base):
+    pass
 
 
-@_document
-@dataclasses.dataclass(frozen=True)
-class CISPOLoss(_LossFn):
-    _objective: ClassVar[str] = "cispo"
-    clip_max: float = 5.0
-    clip_min: float | None = None
+class PPOClipLoss(_typing.PPOClipLossInit[_Array], _Base):
+    pass
+
+
+class NoClipLoss(_typing.NoClipLossInit[_Array], _Base):
+    pass
+
+
+class SAPOLoss(_typing.SAPOLossInit[_Array], _Base):
+    pass
+
+
+class CISPOLoss(_typing.CISPOLossInit[_Array], _Base):
+    pass
+# --- end of generated code ---

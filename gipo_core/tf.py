@@ -30,39 +30,18 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import inspect
-from typing import Any, ClassVar
+from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from ._api import (
-    _OPTION_DOCS,
-    AGG_MODES,
-    OFF_POLICY_DEFAULTS,
-    LossArrays,
-    LossOutput,
-    _check_options,
-    check_off_policy,
-    make_api,
-)
+from . import _typing
+from ._api import Backend, LossArrays, LossClass, LossOutput, make_api
 from ._core.engine import LossSpec, backward, forward, metric_names
-from ._core.objectives import OBJECTIVES
-from ._lib import checks
 
-__all__ = [
-    "LossOutput",
-    "gipo_loss",
-    "ppo_clip_loss",
-    "no_clip_loss",
-    "sapo_loss",
-    "cispo_loss",
-    "gaussian_trust_weight",
-    "GIPOLoss",
-    "PPOClipLoss",
-    "NoClipLoss",
-    "SAPOLoss",
-    "CISPOLoss",
-]
+__all__ = ["LossOutput"]
+
+_Array = Any  # tf.Tensor, tf.Variable
 
 _EXAMPLE = """>>> import tensorflow as tf
 >>> from gipo_core.tf import {fn}
@@ -105,145 +84,27 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-_api = make_api(_run, __name__, _EXAMPLE)
-
-gipo_loss = _api["gipo_loss"]
-ppo_clip_loss = _api["ppo_clip_loss"]
-no_clip_loss = _api["no_clip_loss"]
-sapo_loss = _api["sapo_loss"]
-cispo_loss = _api["cispo_loss"]
-gaussian_trust_weight = _api["gaussian_trust_weight"]
+def _accepts(x: Any) -> bool:
+    # Dense tensors and variables; tf.RaggedTensor and tf.SparseTensor are refused (pad and pass a mask).
+    return isinstance(x, (tf.Tensor, tf.Variable))
 
 
-# ------------------------------------------------------------------------------------------------ classes
+def _to_tf(x: Any) -> Any:
+    """NumPy arrays become tensors (as TensorFlow ops take them); anything else is left for the checks."""
+    return tf.convert_to_tensor(x) if isinstance(x, np.ndarray) else x
 
 
-class _LossModule(tf.Module):
-    """One objective's options in a ``tf.Module``, callable on tensors (subclasses set ``_objective``)."""
-
-    _objective: ClassVar[str]
-
-    def __init__(
-        self,
-        *args: Any,
-        agg: str = "token-mean",
-        with_metrics: bool = True,
-        name: str | None = None,
-        ratio_level: str = "token",
-        rollout_is: str | None = None,
-        rollout_is_bounds: tuple[float, float] | None = None,
-        opsm_delta: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        cls = type(self).__name__
-        objective = OBJECTIVES[self._objective]
-        signature = inspect.signature(type(self))
-        try:
-            bound = signature.bind(
-                *args,
-                agg=agg,
-                with_metrics=with_metrics,
-                name=name,
-                ratio_level=ratio_level,
-                rollout_is=rollout_is,
-                rollout_is_bounds=rollout_is_bounds,
-                opsm_delta=opsm_delta,
-                **kwargs,
-            )
-        except TypeError as exc:
-            raise TypeError(f"`{cls}`: {exc}; the signature is {cls}{signature}") from None
-        bound.apply_defaults()
-        super().__init__(name=name)
-        checks.check_choice(cls, "agg", agg, AGG_MODES)
-        if not isinstance(with_metrics, bool) and with_metrics != "basic":
-            raise TypeError(f"`{cls}`: `with_metrics` must be True, False or 'basic'; got {with_metrics!r}")
-        # Checked once, here, and kept as the functions see them (floats).
-        options = {k: bound.arguments[k] for k in objective.option_names}
-        self._options = dict(_check_options(cls, self._objective, options))
-        self._off_policy = check_off_policy(
-            cls,
-            dict(ratio_level=ratio_level, rollout_is=rollout_is, rollout_is_bounds=rollout_is_bounds, opsm_delta=opsm_delta),
-        )
-        self._agg = agg
-        self._with_metrics = with_metrics
-        self._fn = _api[objective.public_name]
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The objective's options (no ``agg``, no ``with_metrics``), by name."""
-        return dict(self._options)
-
-    @property
-    def agg(self) -> str:
-        return self._agg
-
-    @property
-    def with_metrics(self) -> bool:
-        return self._with_metrics
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
-        sep = ", " if opts else ""
-        return f"{type(self).__name__}({opts}{sep}agg={self._agg!r}, with_metrics={self._with_metrics!r})"
-
-    def __call__(
-        self,
-        logp: Any,
-        old_logp: Any,
-        advantages: Any,
-        mask: Any = None,
-        *,
-        denominator: Any = None,
-        behavior_weights: Any = None,
-        rollout_logp: Any = None,
-    ) -> LossOutput:
-        """``LossOutput(loss, metrics)`` for these tensors; see the matching function for shapes and math."""
-        with self.name_scope:
-            return self._fn(
-                logp,
-                old_logp,
-                advantages,
-                mask,
-                **self._options,
-                agg=self._agg,
-                denominator=denominator,
-                behavior_weights=behavior_weights,
-                rollout_logp=rollout_logp,
-                with_metrics=self._with_metrics,
-                **self._off_policy,
-            )
+_BACKEND = Backend(
+    __name__, _run, "dense tf.Tensor or tf.Variable (or NumPy array)", _accepts, convert=_to_tf, example=_EXAMPLE
+)
+_api = make_api(_BACKEND)
 
 
-_CLASS_DOC = """{summary}
+class _Base(tf.Module):
+    """The ``tf.Module`` side of the loss classes (no variables; options fixed at construction)."""
 
-A ``tf.Module`` holding the options; calling it is ``{fn}(logp, old_logp, advantages, mask, **options,
-agg=..., with_metrics=..., denominator=denominator, behavior_weights=behavior_weights)``. It works eagerly,
-in ``tf.function`` (with or without ``jit_compile=True``) and in a Keras ``train_step``. The options are
-checked once, here.
-
-Parameters
-----------
-{options}agg : str, default 'token-mean'
-    Keyword-only; one of {agg}.
-with_metrics : bool, default True
-    Keyword-only; False returns an empty metrics dict and skips their computation.
-name : str, optional
-    Keyword-only; the module's name (its name scope in graphs).
-
-Raises
-------
-ValueError
-    An option that is not finite and positive, an unknown kernel or ``agg``.
-TypeError
-    An unknown keyword argument.
-
-See Also
---------
-{fn} : the function, with the shapes, the math and the diagnostics.
-
-Examples
---------
->>> import tensorflow as tf
+    _backend = _BACKEND
+    _example = """>>> import tensorflow as tf
 >>> from gipo_core.tf import {cls}
 >>> loss_fn = {cls}()
 >>> logp = tf.zeros((2, 3)); adv = tf.ones((2, 1))
@@ -258,39 +119,47 @@ Examples
 (-0.166667, 6)
 """
 
+    def _init_framework(self) -> None:
+        tf.Module.__init__(self)
 
-def _loss_class(name: str, objective_key: str) -> type:
-    """The ``tf.Module`` class of one objective, with its options in the constructor's signature."""
-    objective = OBJECTIVES[objective_key]
-    cls = type(name, (_LossModule,), {"_objective": objective_key, "__module__": __name__})
-    kind = inspect.Parameter
-    params = [kind("self", kind.POSITIONAL_OR_KEYWORD)]
-    params += [kind(k, kind.POSITIONAL_OR_KEYWORD, default=v) for k, v in objective.defaults]
-    params += [
-        kind("agg", kind.KEYWORD_ONLY, default="token-mean"),
-        *[kind(k, kind.KEYWORD_ONLY, default=v) for k, v in OFF_POLICY_DEFAULTS.items()],
-        kind("with_metrics", kind.KEYWORD_ONLY, default=True),
-        kind("name", kind.KEYWORD_ONLY, default=None),
-    ]
+    def _set(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the signature is set below
-        _LossModule.__init__(self, *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> LossOutput:
+        with self.name_scope:
+            return LossClass.forward(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    __init__.__signature__ = inspect.Signature(params)
-    __init__.__qualname__ = f"{name}.__init__"
-    cls.__init__ = __init__
-    cls.__doc__ = _CLASS_DOC.format(
-        summary=objective.summary,
-        fn=objective.public_name,
-        cls=name,
-        options="".join(_OPTION_DOCS[k] for k in objective.option_names),
-        agg=", ".join(repr(a) for a in AGG_MODES),
-    )
-    return cls
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"  # type: ignore[attr-defined]
 
 
-GIPOLoss = _loss_class("GIPOLoss", "gipo")
-PPOClipLoss = _loss_class("PPOClipLoss", "ppo_clip")
-NoClipLoss = _loss_class("NoClipLoss", "no_clip")
-SAPOLoss = _loss_class("SAPOLoss", "sapo")
-CISPOLoss = _loss_class("CISPOLoss", "cispo")
+# --- generated by `python -m gipo_core._codegen` from the registry: do not edit ---
+__all__ += ["gipo_loss", "ppo_clip_loss", "no_clip_loss", "sapo_loss", "cispo_loss", "gaussian_trust_weight", "GIPOLoss", "PPOClipLoss", "NoClipLoss", "SAPOLoss", "CISPOLoss"]
+
+gipo_loss: _typing.GipoLossFunction[_Array] = _api["gipo_loss"]
+ppo_clip_loss: _typing.PpoClipLossFunction[_Array] = _api["ppo_clip_loss"]
+no_clip_loss: _typing.NoClipLossFunction[_Array] = _api["no_clip_loss"]
+sapo_loss: _typing.SapoLossFunction[_Array] = _api["sapo_loss"]
+cispo_loss: _typing.CispoLossFunction[_Array] = _api["cispo_loss"]
+gaussian_trust_weight: _typing.GaussianTrustWeightFunction[_Array] = _api["gaussian_trust_weight"]
+
+
+class GIPOLoss(_typing.GIPOLossInit[_Array], _Base):
+    pass
+
+
+class PPOClipLoss(_typing.PPOClipLossInit[_Array], _Base):
+    pass
+
+
+class NoClipLoss(_typing.NoClipLossInit[_Array], _Base):
+    pass
+
+
+class SAPOLoss(_typing.SAPOLossInit[_Array], _Base):
+    pass
+
+
+class CISPOLoss(_typing.CISPOLossInit[_Array], _Base):
+    pass
+# --- end of generated code ---

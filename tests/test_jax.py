@@ -7,6 +7,7 @@ autodiff of the literal formula of each objective.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -288,9 +289,9 @@ def test_errors_name_the_function_and_argument_under_jit():
     with pytest.raises(TypeError, match="`ppo_clip_loss`: `logp` must have a real floating dtype"):
         gj.ppo_clip_loss(jnp.zeros((2, 3), jnp.int32), old_logp[:2, :3], adv[:2])
     strict = pytest.importorskip("array_api_strict")
-    with pytest.raises(TypeError, match="`gipo_loss`: .*several array libraries|`gipo_loss`: expected arrays of one"):
+    with pytest.raises(TypeError, match="`gipo_loss`: `old_logp` must be a jax.Array .*; got array_api_strict.*use gipo_core.numpy"):
         gj.gipo_loss(jnp.asarray(logp), strict.asarray(old_logp), jnp.asarray(adv))
-    with pytest.raises(ValueError, match="`GIPOLoss`: `sigma` must be a finite number > 0; got -1"):
+    with pytest.raises(ValueError, match=r"`GIPOLoss`: `sigma` must be a number in \[1e-06, 1e\+06\]; got -1"):
         gj.GIPOLoss(sigma=-1)
     with pytest.raises(ValueError, match="`SAPOLoss`: `agg` must be one of"):
         gj.SAPOLoss(agg="mean")
@@ -326,8 +327,9 @@ def test_loss_classes_are_hashable_static_and_equal_to_the_functions(name, opts)
 def test_loss_class_fields_follow_the_objective_defaults():
     for name, cls in CLASSES.items():
         objective = next(o for o in OBJECTIVES.values() if o.public_name == name)
-        fields = [(f.name, f.default) for f in dataclasses.fields(cls) if not f.kw_only]
-        assert fields == list(objective.defaults), name
+        params = inspect.signature(cls).parameters.values()
+        positional = [(p.name, p.default) for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == list(objective.defaults), name
         assert cls().options == dict(objective.defaults)
     # Options are stored as the functions see them: an int sigma equals the float one.
     assert gj.GIPOLoss(sigma=1) == gj.GIPOLoss() and isinstance(gj.GIPOLoss(sigma=1).sigma, float)

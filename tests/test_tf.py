@@ -466,10 +466,12 @@ def test_loss_module_signatures_follow_the_objective_defaults():
         params = inspect.signature(cls).parameters
         objective = next(o for o in OBJECTIVES.values() if o.public_name == name)
         assert [(k, p.default) for k, p in params.items()][: len(objective.defaults)] == list(objective.defaults)
-        assert list(params)[len(objective.defaults):] == ["agg", "ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta", "with_metrics", "name"]
+        assert list(params)[len(objective.defaults):] == [
+            "agg", "ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta", "with_metrics"
+        ]
         assert cls.__doc__.startswith(objective.summary)
     assert gt.GIPOLoss(0.5, 0.25).options == {"sigma": 0.5, "sigma_neg": 0.25, "kernel": "gaussian"}
-    assert gt.PPOClipLoss(name="policy_loss").name == "policy_loss"
+    assert gt.PPOClipLoss().name == "ppo_clip_loss"
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def _kernel_built(fn_name: str, *, agg: str | None = None, with_metrics: bool | 
         and agg in (None, spec.agg)
         and with_metrics in (None, spec.with_metrics)
         and kernel is not None
-        for spec, kernel in _torch_fused._kernels.items()
+        for (spec, _), kernel in _torch_fused._kernels.items()
     )
 
 
@@ -255,7 +255,7 @@ def test_a_compiler_failure_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(_torch_fused, "_compile", broken)
     sigma = _fresh_sigma()
-    pattern = r"compiling the fused loss kernel failed \(RuntimeError: no C\+\+"
+    pattern = r"the fused loss kernel failed to compile or run .*\(RuntimeError: no C\+\+"
     _runs_op_by_op_after_one_warning(pattern, make_batch(seed=10), sigma, then=sigma)
 
 
@@ -322,7 +322,7 @@ def test_at_most_max_kernels_option_sets_are_compiled(monkeypatch):
     first, second, third = _fresh_sigma(), _fresh_sigma(), _fresh_sigma()
     gt.gipo_loss(*batch, sigma=first)
     assert _kernel_built("gipo_loss", sigma=first)
-    _runs_op_by_op_after_one_warning("option sets already have a fused kernel", batch, second, then=third)
+    _runs_op_by_op_after_one_warning("fused kernels are already compiled", batch, second, then=third)
     assert not _kernel_built("gipo_loss", sigma=second) and not _kernel_built("gipo_loss", sigma=third)
 
 
@@ -346,7 +346,7 @@ def test_an_input_error_is_raised_plainly_and_keeps_the_kernel(monkeypatch):
         warnings.simplefilter("error")  # no "compiling failed" warning: the kernel was not at fault
         with pytest.raises(ValueError, match="bad input"):
             gt.gipo_loss(logp, old, adv, m, sigma=sigma)
-    assert calls and any(spec.opts.get("sigma") == sigma and k is not None for spec, k in _torch_fused._kernels.items())
+    assert calls and any(spec.opts.get("sigma") == sigma and k is not None for (spec, _), k in _torch_fused._kernels.items())
 
 
 @pytest.mark.parametrize(("value", "expected"), [("never", "never"), (" Always ", "always"), ("", "auto")])
@@ -359,3 +359,66 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("GIPO_TORCH_FUSED", "fast")
     with pytest.raises(ValueError, match=r"GIPO_TORCH_FUSED must be one of auto, always, never; got 'fast'"):
         _torch_fused._mode_from_env()
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_a_denominator_that_changes_every_step_never_recompiles(monkeypatch):
+    """Issue 12, item 9: a per-step global token count, as an int, a float or a tensor, compiles nothing new.
+
+    Before, every new number was a new option set: one compile per value, and a warning after 16 values."""
+    sigma = _fresh_sigma()
+    gt.set_fused("always")
+    logp, old, adv, m = make_batch(seed=21)
+    monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 2)
+    loss_fn = gt.GIPOLoss(sigma=sigma, with_metrics=False)
+    denominators = [200 + 7 * i for i in range(7)] + [150.5 + i for i in range(7)]
+    denominators += [torch.tensor(300.0 + i) for i in range(3)] + [torch.tensor(400 + i) for i in range(3)]
+    assert len(denominators) == 20
+    run(loss_fn, logp, old, adv, m, mode="always", denominator=1.0)  # the one compile of this signature
+    before, kernels = _graphs_compiled(), len(_torch_fused._kernels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "already compiled" or "failed" warning either
+        for d in denominators:
+            lp = logp.clone().requires_grad_(True)
+            out = loss_fn(lp, old, adv, m, denominator=d)
+            out.loss.backward()
+            ref, ref_grad = run(loss_fn, logp, old, adv, m, mode="never", denominator=d)
+            gt.set_fused("always")
+            torch.testing.assert_close(out.loss, ref.loss)
+            torch.testing.assert_close(lp.grad, ref_grad)
+    assert _graphs_compiled() == before, "a denominator value compiled a new graph"
+    assert len(_torch_fused._kernels) == kernels
+
+
+def test_call_signatures_of_one_option_set_each_compile_once_without_hitting_the_recompile_limit(monkeypatch):
+    """Call signatures of one option set (mask None/bool/float, dtype, rank, behavior_weights) used to share
+    one compiled function and exhaust dynamo's recompile limit (8; 2 here, to keep the test short), then warn
+    that compiling failed: each signature is now a kernel of its own, compiled once."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(_torch_fused, "MAX_KERNELS", len(_torch_fused._kernels) + 8)
+    sigma = _fresh_sigma()
+    logp, old, adv, m = make_batch(seed=22, mask="bool", plant_nan=False)
+    variants = [
+        (logp, old, adv, None, None),
+        (logp, old, adv, m, None),
+        (logp.reshape(2, 3, -1), old.reshape(2, 3, -1), adv.reshape(2, 3, -1), m.reshape(2, 3, -1), None),
+        (logp, old, adv, m.float(), torch.full(logp.shape, 0.5)),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for round_ in range(2):  # the second round compiles nothing
+            before = _graphs_compiled()
+            for lp, o, a, mask, bw in variants:
+                out, grad = run(gt.gipo_loss, lp, o, a, mask, mode="always", sigma=sigma, behavior_weights=bw)
+                ref, ref_grad = run(gt.gipo_loss, lp, o, a, mask, mode="never", sigma=sigma, behavior_weights=bw)
+                torch.testing.assert_close(out.loss, ref.loss)
+                torch.testing.assert_close(grad, ref_grad)
+            if round_ == 0:
+                assert _graphs_compiled() - before == len(variants)
+        assert _graphs_compiled() == before
+    assert all(_torch_fused._kernels[k] is not None for k in _torch_fused._kernels if k[0].opts.get("sigma") == sigma)

@@ -28,7 +28,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["ElementTerms", "Objective", "OBJECTIVES", "neg_adv_times"]
+from .options import Option, choice, number_in, option, optional
+
+__all__ = ["ElementTerms", "Objective", "OBJECTIVES", "KERNELS", "SCALE_RANGE", "neg_adv_times"]
+
+#: The trust-weight shapes of GIPO.
+KERNELS = ("gaussian", "laplace", "cauchy")
+
+#: The working range of every width, temperature and ratio bound: within it no backend overflows in float16,
+#: bfloat16, float32 or float64 (1 / sigma^2 and tau * (rho - 1) stay finite, a bound converts to float32).
+SCALE_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -40,20 +49,56 @@ class ElementTerms:
 
 @dataclass(frozen=True)
 class Objective:
-    """One policy objective: its public name, option defaults and per-element math."""
+    """One policy objective: everything about it, in one place.
+
+    Attributes
+    ----------
+    name : str
+        The registry key (``LossSpec.objective``).
+    public_name : str
+        The loss function's name in every backend (``gipo_loss``).
+    class_name : str
+        The loss class's name in torch, JAX and TensorFlow (``GIPOLoss``).
+    options : tuple of Option
+        The objective's own options, in signature order: name, default, type, doc and range check.
+    terms, weight : callable
+        The per-element math (see the module docstring).
+    summary, math : str
+        The first docstring line, and the formulas for the ``Notes`` section.
+    uses_logp : bool
+        The per-element loss reads ``logp`` itself (CISPO), not only the log-ratio.
+    check : callable, optional
+        ``check(fn, options)``: rules between options (``clip_min < clip_max``), after each option's own check.
+    example : str
+        A doctest of the loss class (torch), ``{cls}`` standing for the class name.
+    """
 
     name: str
     public_name: str
-    defaults: tuple[tuple[str, Any], ...]
+    class_name: str
+    options: tuple[Option, ...]
     terms: Callable[..., ElementTerms]
     weight: Callable[..., Any]
     summary: str
     math: str
-    uses_logp: bool = False  # the per-element loss reads logp itself (CISPO), not only the log-ratio
+    uses_logp: bool = False
+    check: Callable[[str, dict[str, Any]], None] | None = None
 
     @property
     def option_names(self) -> tuple[str, ...]:
-        return tuple(k for k, _ in self.defaults)
+        return tuple(o.name for o in self.options)
+
+    @property
+    def defaults(self) -> tuple[tuple[str, Any], ...]:
+        """``(name, default)`` of each option, in signature order."""
+        return tuple((o.name, o.default) for o in self.options)
+
+    def check_options(self, fn: str, values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """The options, checked and normalised, as ``LossSpec.options`` holds them."""
+        checked = {o.name: o.check(fn, values.get(o.name, o.default)) for o in self.options}
+        if self.check is not None:
+            self.check(fn, checked)
+        return tuple(checked.items())
 
 
 #: log of the largest finite float32 / float64, less a margin for rounding.
@@ -215,11 +260,28 @@ def _cispo_weight(ell: Any, adv: Any, opts: Mapping[str, Any], xp: Any) -> Any:
     return xp.exp(_cispo_log_u(ell, opts, xp) - ell)
 
 
+_SCALE = f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]"
+_scale = number_in(*SCALE_RANGE)
+
+
+def _cispo_check(fn: str, opts: dict[str, Any]) -> None:
+    if opts["clip_min"] is not None and opts["clip_min"] >= opts["clip_max"]:
+        raise ValueError(f"`{fn}`: `clip_min` must be < `clip_max` ({opts['clip_max']!r}); got {opts['clip_min']!r}")
+
+
 OBJECTIVES: dict[str, Objective] = {
     "gipo": Objective(
         name="gipo",
         public_name="gipo_loss",
-        defaults=(("sigma", 1.0), ("sigma_neg", None), ("kernel", "gaussian")),
+        class_name="GIPOLoss",
+        options=(
+            option("sigma", 1.0, "float", f"Width of the trust weight in log-ratio units, in {_SCALE}. Large sigma -> plain\n"
+                   "importance sampling.", _scale),
+            option("sigma_neg", None, "float | None", f"Width used where the advantage is <= 0, in {_SCALE} (default: ``sigma``).",
+                   optional(_scale)),
+            option("kernel", "gaussian", 'Literal["gaussian", "laplace", "cauchy"]', "Shape of the trust weight in log-ratio space.",
+                   choice(KERNELS)),
+        ),
         terms=_gipo_terms,
         weight=_gipo_weight,
         summary="GIPO policy loss: importance ratio times a Gaussian trust weight held constant in backprop.",
@@ -234,7 +296,15 @@ OBJECTIVES: dict[str, Objective] = {
     "ppo_clip": Objective(
         name="ppo_clip",
         public_name="ppo_clip_loss",
-        defaults=(("clip_low", 0.2), ("clip_high", 0.2), ("dual_clip", None)),
+        class_name="PPOClipLoss",
+        options=(
+            option("clip_low", 0.2, "float", "The ratio is clipped below at 1 - clip_low; in (0, 1).",
+                   number_in(0.0, 1.0, low_open=True, high_open=True)),
+            option("clip_high", 0.2, "float", f"The ratio is clipped above at 1 + clip_high; in (0, {SCALE_RANGE[1]:g}].",
+                   number_in(0.0, SCALE_RANGE[1], low_open=True)),
+            option("dual_clip", None, "float | None", f"Dual-clip constant c in (1, {SCALE_RANGE[1]:g}] (3.0 is common): the loss of\n"
+                   "A < 0 elements is capped at -c A.", optional(number_in(1.0, SCALE_RANGE[1], low_open=True))),
+        ),
         terms=_ppo_terms,
         weight=_ppo_weight,
         summary="PPO clipped surrogate loss, with optional dual clip for negative advantages.",
@@ -247,7 +317,8 @@ OBJECTIVES: dict[str, Objective] = {
     "no_clip": Objective(
         name="no_clip",
         public_name="no_clip_loss",
-        defaults=(),
+        class_name="NoClipLoss",
+        options=(),
         terms=_no_clip_terms,
         weight=_no_clip_weight,
         summary="Plain importance-sampling policy loss (no clipping, no trust weight).",
@@ -256,7 +327,11 @@ OBJECTIVES: dict[str, Objective] = {
     "sapo": Objective(
         name="sapo",
         public_name="sapo_loss",
-        defaults=(("tau_pos", 1.0), ("tau_neg", 1.05)),
+        class_name="SAPOLoss",
+        options=(
+            option("tau_pos", 1.0, "float", f"Gate temperature where A > 0, in {_SCALE}.", _scale),
+            option("tau_neg", 1.05, "float", f"Gate temperature where A <= 0, in {_SCALE}.", _scale),
+        ),
         terms=_sapo_terms,
         weight=_sapo_weight,
         summary="SAPO soft-gated policy loss (sigmoid gate on the ratio, temperature per advantage sign).",
@@ -268,7 +343,13 @@ OBJECTIVES: dict[str, Objective] = {
     "cispo": Objective(
         name="cispo",
         public_name="cispo_loss",
-        defaults=(("clip_max", 5.0), ("clip_min", None)),
+        class_name="CISPOLoss",
+        options=(
+            option("clip_max", 5.0, "float", f"Upper bound on the detached importance ratio, in {_SCALE}.", _scale),
+            option("clip_min", None, "float | None", f"Lower bound on the detached importance ratio, in {_SCALE} and below\n"
+                   "``clip_max`` (default: no lower bound).", optional(_scale)),
+        ),
+        check=_cispo_check,
         terms=_cispo_terms,
         weight=_cispo_weight,
         summary="CISPO loss: REINFORCE on logp weighted by the detached, clipped importance ratio.",

@@ -12,7 +12,12 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["array_namespace", "device_of", "is_tf_array", "same_device"]
+__all__ = ["array_namespace", "device_of", "is_tf_array", "library_module", "same_device"]
+
+
+def library_module(x: Any) -> str:
+    """The top-level module of ``x``'s type (``"torch"``, ``"jaxlib"``, ``"numpy"``, ...)."""
+    return type(x).__module__.split(".")[0]
 
 
 def is_tf_array(x: Any) -> bool:
