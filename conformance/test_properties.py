@@ -236,7 +236,7 @@ BAD_INPUTS = [
     ("sigma-negative", "gipo_loss", ValueError, "sigma", {"sigma": -1.0}),
     ("sigma-nan", "gipo_loss", ValueError, "sigma", {"sigma": float("nan")}),
     ("sigma-inf", "gipo_loss", ValueError, "sigma", {"sigma": float("inf")}),
-    ("sigma-string", "gipo_loss", ValueError, "sigma", {"sigma": "1"}),
+    ("sigma-string", "gipo_loss", TypeError, "sigma", {"sigma": "1"}),
     ("sigma_neg-zero", "gipo_loss", ValueError, "sigma_neg", {"sigma_neg": 0.0}),
     ("kernel-unknown", "gipo_loss", ValueError, "kernel", {"kernel": "box"}),
     ("agg-unknown", "gipo_loss", ValueError, "agg", {"agg": "mean"}),
@@ -251,6 +251,14 @@ BAD_INPUTS = [
     ("denominator-shape", "gipo_loss", ValueError, "denominator", {"denominator": "vector"}),
     ("with_metrics-string", "gipo_loss", TypeError, "with_metrics", {"with_metrics": "yes"}),
     ("unknown-keyword", "gipo_loss", TypeError, "sigmaa", {"sigmaa": 1.0}),
+    ("ratio_level-unknown", "gipo_loss", ValueError, "ratio_level", {"ratio_level": "batch"}),
+    ("rollout_is-unknown", "gipo_loss", ValueError, "rollout_is", {"rollout_is": "token"}),
+    ("rollout_is-without-rollout_logp", "ppo_clip_loss", ValueError, "rollout_logp", {"rollout_is": "token-mask"}),
+    ("rollout_is_bounds-order", "gipo_loss", ValueError, "rollout_is_bounds", {"rollout_is_bounds": (2.0, 0.5)}),
+    ("rollout_logp-shape", "sapo_loss", ValueError, "rollout_logp", {"rollout_logp": "short"}),
+    ("rollout_logp-int", "cispo_loss", TypeError, "rollout_logp", {"rollout_logp": "int32"}),
+    ("clip_min-above-clip_max", "cispo_loss", ValueError, "clip_min", {"clip_min": 6.0}),
+    ("opsm_delta-string", "gipo_loss", TypeError, "opsm_delta", {"opsm_delta": "0.1"}),
 ]
 
 
@@ -262,7 +270,7 @@ def test_bad_input_raises(target, case) -> None:
     shape = (2, 4)
     base = {"logp": -rng.uniform(0.1, 1, shape), "old_logp": -rng.uniform(0.1, 1, shape),
             "advantages": rng.normal(size=shape), "mask": rng.uniform(size=shape) < 0.8,
-            "behavior_weights": rng.uniform(0.5, 1.5, shape)}
+            "behavior_weights": rng.uniform(0.5, 1.5, shape), "rollout_logp": -rng.uniform(0.1, 1, shape)}
     arrays = {k: d.asarray(v, "bool" if v.dtype == bool else "float32", dev) for k, v in base.items()}
     kwargs: dict = {}
     for key, how in case.change.items():
@@ -284,6 +292,8 @@ def test_bad_input_raises(target, case) -> None:
         kwargs["denominator"] = d.asarray(np.array([3.0, 4.0]), "float32", dev)
     if case.fn == "gipo_loss" or "behavior_weights" in case.change:
         kwargs.setdefault("behavior_weights", arrays["behavior_weights"])
+    if "rollout_logp" in case.change:
+        kwargs["rollout_logp"] = arrays["rollout_logp"]
     fn = getattr(target.module, case.fn)
     with pytest.raises(case.exc) as info:
         fn(arrays["logp"], arrays["old_logp"], arrays["advantages"], arrays["mask"], **kwargs)

@@ -152,7 +152,7 @@ _COMMON = {o.name: o for o in COMMON_OPTIONS}
 def _metrics_level_check(fn: str, name: str, value: Any) -> Any:
     if isinstance(value, str):
         if value != "basic":
-            raise ValueError(f"`{fn}`: `{name}` must be True, False or 'basic'; got {value!r}")
+            raise TypeError(f"`{fn}`: `{name}` must be True, False or 'basic'; got {value!r}")
         return value
     return flag(fn, name, value)
 
