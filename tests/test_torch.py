@@ -346,6 +346,8 @@ def test_data_parallel_ranks_average_to_the_full_batch(agg, world):
     full, full_grad = loss_and_grad(gt.gipo_loss, logp, old, adv, mask, agg=agg)
     if agg == "token-mean":
         local_counts = [m.sum() for m in mask.chunk(world)]
+    elif agg == "token-sum":  # no count: the whole is 1, and DDP's average needs the world size undone
+        local_counts = [torch.tensor(1.0 / world)] * world
     elif agg == "seq-mean-token-sum-norm":  # sequences with a valid token times the horizon T
         local_counts = [(m.sum(-1) > 0).sum() * mask.shape[-1] for m in mask.chunk(world)]
     else:
