@@ -96,6 +96,15 @@ class Backend:
     example: str = ""
 
 
+def first_order_only(fn: str, what: str) -> str:
+    """The message of every backend's refusal of second derivatives and forward mode."""
+    return (
+        f"`{fn}`: {what} is not supported: the gradient is computed in closed form with the method's "
+        "stop-gradients (GIPO's trust weight held constant) and is first-order, reverse-mode only; "
+        "differentiating the forward computation instead would silently give another derivative"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ checks
 
 #: The module that takes each array library's arrays (by the top-level module of the array's type).
@@ -191,7 +200,8 @@ def call(
         if value is not None:
             checks.check_same_device(fn, name, value, logp)
     if denominator is not None:
-        denominator = checks.check_denominator(fn, denominator, logp, xp)
+        # One element of any shape, as a 0-d array: a (1, 1, 1) denominator must not broadcast the gradient.
+        denominator = xp.reshape(checks.check_denominator(fn, denominator, logp, xp), ())
     if spec.rollout_is is not None and rollout_logp is None:
         raise ValueError(
             f"`{fn}`: `rollout_is={spec.rollout_is!r}` corrects with `rollout_logp`, which is None; pass the "
@@ -225,7 +235,9 @@ def loss_signature(objective: Objective) -> inspect.Signature:
 
 def class_signature(objective: Objective) -> inspect.Signature:
     """The signature of a loss class's constructor (without ``self``)."""
-    params = [_P(o.name, _P.POSITIONAL_OR_KEYWORD, default=o.default, annotation=o.annotation) for o in objective.options]
+    params = [
+        _P(o.name, _P.POSITIONAL_OR_KEYWORD, default=o.default, annotation=o.annotation) for o in objective.options
+    ]
     params += [_P(o.name, _P.KEYWORD_ONLY, default=o.default, annotation=o.annotation) for o in COMMON_OPTIONS]
     return inspect.Signature(params, return_annotation="None")
 
@@ -381,7 +393,9 @@ def _trust_weight_function(backend: Backend) -> Callable[..., Any]:
 
 def make_api(backend: Backend) -> dict[str, Callable[..., Any]]:
     """The public functions of one backend, keyed by name."""
-    api: dict[str, Callable[..., Any]] = {obj.public_name: _loss_function(key, backend) for key, obj in OBJECTIVES.items()}
+    api: dict[str, Callable[..., Any]] = {
+        obj.public_name: _loss_function(key, backend) for key, obj in OBJECTIVES.items()
+    }
     api["gaussian_trust_weight"] = _trust_weight_function(backend)
     return api
 

@@ -123,7 +123,9 @@ def backend_block(has_classes: bool) -> str:
     names = [o.public_name for o in OBJECTIVES.values()] + ["gaussian_trust_weight"]
     if has_classes:
         names += [o.class_name for o in OBJECTIVES.values()]
-    lines.append("__all__ += [" + ", ".join(f'"{n}"' for n in names) + "]")
+    lines.append("__all__ += [")
+    lines += [f'    "{n}",' for n in names]
+    lines.append("]")
     lines.append("")
     for o in OBJECTIVES.values():
         lines.append(f'{o.public_name}: _typing.{protocol_name(o.public_name)}[_Array] = _api["{o.public_name}"]')

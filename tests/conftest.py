@@ -1,4 +1,30 @@
+import importlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# torch._dynamo has to be imported before TensorFlow in one process: importing it after TensorFlow aborts
+# the interpreter (both load their own copies of protobuf/abseil). The tests of every backend share one
+# pytest process, so it is imported here, first.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+
+#: The array libraries the test command installs (README, .ci/run). With ``GIPO_REQUIRE_BACKENDS=1`` (set by
+#: .ci/run) a missing or broken one stops the run here, instead of its tests being skipped.
+REQUIRED = ("numpy", "array_api_strict", "torch", "jax", "tensorflow")
+
+if os.environ.get("GIPO_REQUIRE_BACKENDS") == "1":
+    broken = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure counts
+            broken.append(f"{name} ({type(exc).__name__}: {exc})")
+    if broken:
+        raise RuntimeError(
+            "GIPO_REQUIRE_BACKENDS=1: these backends cannot be imported, so their tests would be skipped: "
+            + "; ".join(broken)
+        )

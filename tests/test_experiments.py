@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,7 @@ def test_cli_help(argv, capsys):
     assert text.startswith("usage: gipo")
     if argv[0] == "demo":
         assert "--quick" in text and "--staleness" in text and "--kl-coef" in text
+        assert "95% Student-t" in " ".join(text.split()) and "%%" not in text  # argparse does not %-format it
 
 
 def test_console_script_help_in_a_fresh_process():
@@ -152,6 +154,19 @@ def test_t_interval_quantiles_match_student_t():
     assert mean.tolist() == [2.0, 5.0]
     assert hi[0] - mean[0] == pytest.approx(demo.t_quantile_975(2) / math.sqrt(3))
     assert lo[1] == hi[1] == 5.0
+
+
+def test_t_interval_is_clipped_to_the_quantity_range():
+    """A fraction near 1 (or a return near 0) gave a band past the range the quantity cannot leave."""
+    from gipo_core.experiments import demo
+
+    samples = np.array([0.99, 1.0, 1.0, 0.97])
+    _, lo, hi = demo.t_interval(samples)
+    assert hi > 1.0  # the plain symmetric interval
+    mean, lo, hi = demo.t_interval(samples, bounds=demo.BOUNDS["ess"])
+    assert 0.0 <= lo <= mean <= hi == 1.0
+    _, lo, _ = demo.t_interval(np.array([[0.0, 5.0], [0.5, 5.0], [4.0, 5.0]]), bounds=demo.BOUNDS["returns"])
+    assert (lo >= 0).all()
 
 
 def test_trailing_mean_smooths_over_the_last_window():
@@ -251,6 +266,8 @@ def test_demo_cli_tiny_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| GIPO sigma=1 |" in text and "| PPO-clip eps=0.2 |" in text and str(out) in text
     assert (out / "learning_curves_K2.png").exists()
+    results = (out / "results.md").read_text()
+    assert re.match(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC by `gipo demo --quick --out ", results), results[:200]
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--quick", "--out", str(out), "--objectives", "nope", "--no-progress"])
     assert exc.value.code == 2

@@ -417,21 +417,22 @@ def test_results_and_gradient_stay_on_the_device_of_logp():
 
 def test_errors_name_the_function_and_the_argument():
     logp, old_logp, adv, mask = (tf.constant(a) for a in make_data())
-    with pytest.raises(TypeError, match=r"`gipo_loss`: the arrays come from several array libraries"):
-        gt.gipo_loss(logp, old_logp.numpy(), adv)
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match=r"`gipo_loss`: `old_logp` must be a dense tf.Tensor .*use gipo_core.numpy"):
+        gt.gipo_loss(logp, strict.asarray(old_logp.numpy()), adv)
     with pytest.raises(TypeError, match=r"`ppo_clip_loss`: `advantages` must have a real floating dtype"):
         gt.ppo_clip_loss(logp, old_logp, tf.cast(adv, tf.int32))
     with pytest.raises(ValueError, match=r"`sapo_loss`: `advantages` has shape \(4,\) but `logp` has shape \(4, 6\)"):
         gt.sapo_loss(logp, old_logp, tf.zeros([4]))
     with pytest.raises(TypeError, match=r"`cispo_loss`: `mask` must be bool or a real floating dtype; got"):
         gt.cispo_loss(logp, old_logp, adv, tf.cast(mask, tf.int32))
-    with pytest.raises(ValueError, match=r"`gipo_loss`: `sigma` must be a finite number > 0; got -1.0"):
+    with pytest.raises(ValueError, match=r"`gipo_loss`: `sigma` must be a number in \[1e-06, 1e\+06\]; got -1.0"):
         gt.gipo_loss(logp, old_logp, adv, sigma=-1.0)
     with pytest.raises(ValueError, match=r"`GIPOLoss`: `kernel` must be one of"):
         gt.GIPOLoss(kernel="box")
     with pytest.raises(ValueError, match=r"`PPOClipLoss`: `agg` must be one of"):
         gt.PPOClipLoss(agg="mean")
-    with pytest.raises(TypeError, match=r"`SAPOLoss`: got an unexpected keyword argument 'sigma'; the signature"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'sigma'"):
         gt.SAPOLoss(sigma=1.0)
     with pytest.raises(TypeError, match=r"`NoClipLoss`: `with_metrics` must be True or False"):
         gt.NoClipLoss(with_metrics=1)

@@ -275,12 +275,22 @@ OBJECTIVES: dict[str, Objective] = {
         public_name="gipo_loss",
         class_name="GIPOLoss",
         options=(
-            option("sigma", 1.0, "float", f"Width of the trust weight in log-ratio units, in {_SCALE}. Large sigma -> plain\n"
-                   "importance sampling.", _scale),
-            option("sigma_neg", None, "float | None", f"Width used where the advantage is <= 0, in {_SCALE} (default: ``sigma``).",
-                   optional(_scale)),
-            option("kernel", "gaussian", 'Literal["gaussian", "laplace", "cauchy"]', "Shape of the trust weight in log-ratio space.",
-                   choice(KERNELS)),
+            option(
+                "sigma", 1.0, "float",
+                f"Width of the trust weight in log-ratio units, in {_SCALE}. Large sigma -> plain\n"
+                "importance sampling.",
+                _scale,
+            ),
+            option(
+                "sigma_neg", None, "float | None",
+                f"Width used where the advantage is <= 0, in {_SCALE} (default: ``sigma``).",
+                optional(_scale),
+            ),
+            option(
+                "kernel", "gaussian", 'Literal["gaussian", "laplace", "cauchy"]',
+                "Shape of the trust weight in log-ratio space.",
+                choice(KERNELS),
+            ),
         ),
         terms=_gipo_terms,
         weight=_gipo_weight,
@@ -300,10 +310,17 @@ OBJECTIVES: dict[str, Objective] = {
         options=(
             option("clip_low", 0.2, "float", "The ratio is clipped below at 1 - clip_low; in (0, 1).",
                    number_in(0.0, 1.0, low_open=True, high_open=True)),
-            option("clip_high", 0.2, "float", f"The ratio is clipped above at 1 + clip_high; in (0, {SCALE_RANGE[1]:g}].",
-                   number_in(0.0, SCALE_RANGE[1], low_open=True)),
-            option("dual_clip", None, "float | None", f"Dual-clip constant c in (1, {SCALE_RANGE[1]:g}] (3.0 is common): the loss of\n"
-                   "A < 0 elements is capped at -c A.", optional(number_in(1.0, SCALE_RANGE[1], low_open=True))),
+            option(
+                "clip_high", 0.2, "float",
+                f"The ratio is clipped above at 1 + clip_high; in (0, {SCALE_RANGE[1]:g}].",
+                number_in(0.0, SCALE_RANGE[1], low_open=True),
+            ),
+            option(
+                "dual_clip", None, "float | None",
+                f"Dual-clip constant c in (1, {SCALE_RANGE[1]:g}] (3.0 is common): the loss of\n"
+                "A < 0 elements is capped at -c A.",
+                optional(number_in(1.0, SCALE_RANGE[1], low_open=True)),
+            ),
         ),
         terms=_ppo_terms,
         weight=_ppo_weight,
@@ -346,8 +363,12 @@ OBJECTIVES: dict[str, Objective] = {
         class_name="CISPOLoss",
         options=(
             option("clip_max", 5.0, "float", f"Upper bound on the detached importance ratio, in {_SCALE}.", _scale),
-            option("clip_min", None, "float | None", f"Lower bound on the detached importance ratio, in {_SCALE} and below\n"
-                   "``clip_max`` (default: no lower bound).", optional(_scale)),
+            option(
+                "clip_min", None, "float | None",
+                f"Lower bound on the detached importance ratio, in {_SCALE} and below\n"
+                "``clip_max`` (default: no lower bound).",
+                optional(_scale),
+            ),
         ),
         check=_cispo_check,
         terms=_cispo_terms,

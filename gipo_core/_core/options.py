@@ -51,7 +51,8 @@ class Option:
     def doc_entry(self, indent: str = "") -> str:
         """The numpydoc ``Parameters`` entry of this option."""
         kind = self.annotation.replace("Literal", "").replace("[", "{").replace("]", "}")
-        head = f"{self.name} : {kind}, default {self.default!r}" if self.default is not None else f"{self.name} : {kind}, optional"
+        default = "optional" if self.default is None else f"default {self.default!r}"
+        head = f"{self.name} : {kind}, {default}"
         body = "".join(f"{indent}    {line}\n" for line in self.doc.strip().splitlines())
         return f"{indent}{head}\n{body}"
 

@@ -68,13 +68,14 @@ POSITIONAL_ARRAYS = (
 CALL_ARRAYS = (
     (
         "denominator",
-        f"float or 0-d array, optional",
+        "float or one-element array, optional",
         "The whole number the weighted sum is divided by, in place of the local one: the global token count\n"
         "(token-mean), sequence count (seq-mean-token-sum, seq-mean-token-mean), sequence count times the\n"
         "horizon (seq-mean-token-sum-norm), any constant (token-sum), so that losses of shards of one batch\n"
         "(data-parallel ranks, gradient-accumulation micro-batches) add up exactly to the full-batch loss\n"
         "(pass the global value divided by the number of shards). A number must lie in\n"
-        f"[{DENOMINATOR_RANGE[0]:g}, {DENOMINATOR_RANGE[1]:g}]; an array (int or float, one element) is not read on the host.",
+        f"[{DENOMINATOR_RANGE[0]:g}, {DENOMINATOR_RANGE[1]:g}]; an array (int or float, one element, any shape) is\n"
+        "not read on the host.",
     ),
     (
         "behavior_weights",

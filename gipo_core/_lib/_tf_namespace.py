@@ -38,8 +38,8 @@ def tf_namespace() -> SimpleNamespace:
     -------
     types.SimpleNamespace
         Attributes: the dtypes ``bool, float16, bfloat16, float32, float64`` (TensorFlow ``DType`` objects)
-        and the functions ``isdtype, astype, where, sum, max, min, full_like, ones_like, exp, expm1, log,
-        log1p, abs, maximum, minimum``.
+        and the functions ``isdtype, astype, where, sum, max, min, full_like, ones_like, reshape, exp, expm1,
+        log, log1p, abs, maximum, minimum``.
 
     Examples
     --------
@@ -120,6 +120,9 @@ def tf_namespace() -> SimpleNamespace:
     def ones_like(x: Any, /, *, dtype: Any = None) -> Any:
         return tf.ones_like(x, dtype=dtype)
 
+    def reshape(x: Any, /, shape: Any) -> Any:
+        return tf.reshape(x, shape)
+
     return SimpleNamespace(
         __name__="gipo_core._lib._tf_namespace",
         bool=tf.bool,
@@ -135,6 +138,7 @@ def tf_namespace() -> SimpleNamespace:
         min=min,
         full_like=full_like,
         ones_like=ones_like,
+        reshape=reshape,
         exp=tf.math.exp,
         expm1=tf.math.expm1,
         log=tf.math.log,

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stale-replay CartPole training comparison through gipo_core.torch",
         description="Train a small PyTorch actor-critic on CartPole-v1 with each objective, replaying the last K "
         "policy versions' samples with their stored behaviour log-probabilities. Writes learning curves per K, "
-        "a table of final and AUC returns with 95%% Student-t intervals over seeds, and diagnostics. "
+        "a table of final and AUC returns with 95% Student-t intervals over seeds, and diagnostics. "
         "Needs the demo extra: pip install 'gipo-core[demo]'.",
     )
     size = demo.add_mutually_exclusive_group()
@@ -145,7 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = (DemoConfig.quick if args.quick else DemoConfig.full)(**overrides)
     config.validate()
     start = time.perf_counter()
-    runs, paths = run_demo(config, args.out, progress=not args.no_progress)
+    runs, paths = run_demo(config, args.out, progress=not args.no_progress, command=args.command_line)
     with open(paths["table_markdown"], encoding="utf-8") as f:
         print(f.read())
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; outputs in {args.out}:")
@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gipo`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["gipo", *(sys.argv[1:] if argv is None else argv)])
     try:
         return _gridworld(args) if args.command == "gridworld" else _demo(args)
     except ValueError as exc:

@@ -30,6 +30,7 @@ Examples
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import math
@@ -316,15 +317,34 @@ def t_quantile_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def t_interval(samples: Sequence[float] | np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and two-sided 95% Student-t interval over ``axis`` (the seeds); a single sample has zero width."""
+def t_interval(
+    samples: Sequence[float] | np.ndarray, axis: int = 0, bounds: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and two-sided 95% Student-t interval over ``axis`` (the seeds); a single sample has zero width.
+
+    ``bounds``: the range the quantity cannot leave (a fraction in [0, 1], a return >= 0); the interval is
+    clipped to it, as a symmetric t-interval can reach past it when the samples sit near an end.
+    """
     x = np.asarray(samples, dtype=np.float64)
     n = x.shape[axis]
     mean = x.mean(axis=axis)
     if n < 2:
         return mean, mean.copy(), mean.copy()
     half = t_quantile_975(n - 1) * x.std(axis=axis, ddof=1) / math.sqrt(n)
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
+    return mean, lo, hi
+
+
+#: The range each plotted quantity cannot leave (returns: CartPole's rewards are +1 per step).
+BOUNDS = {
+    "returns": (0.0, math.inf),
+    "weight_mean": (0.0, 1.0),
+    "low_weight_frac": (0.0, 1.0),
+    "ess": (0.0, 1.0),
+    "kl_k3": (0.0, math.inf),
+}
 
 
 def summarize(runs: Sequence[dict[str, Any]], config: DemoConfig) -> dict[str, Any]:
@@ -342,12 +362,14 @@ def summarize(runs: Sequence[dict[str, Any]], config: DemoConfig) -> dict[str, A
             entry = {"x": np.array(cell[0]["steps"], dtype=np.float64)}
             for key in ("returns", *DIAGNOSTICS):
                 values = np.array([r[key] for r in cell])
-                m, lo, hi = t_interval(values if key == "returns" else _trailing_mean(values, _DIAG_WINDOW))
+                m, lo, hi = t_interval(
+                    values if key == "returns" else _trailing_mean(values, _DIAG_WINDOW), bounds=BOUNDS[key]
+                )
                 entry[key] = {"mean": m, "lo": lo, "hi": hi}
             curves[obj][k] = entry
             row = {"seeds": len(cell)}
             for name, values in (("final", ret[:, -tail:].mean(axis=1)), ("auc", ret.mean(axis=1))):
-                m, lo, hi = t_interval(values)
+                m, lo, hi = t_interval(values, bounds=BOUNDS["returns"])
                 row.update({f"{name}_mean": float(m), f"{name}_lo": float(lo), f"{name}_hi": float(hi)})
                 row[f"{name}_per_seed"] = values.tolist()
             table[obj][k] = row
@@ -397,8 +419,13 @@ def _band(entry: dict[str, Any], key: str) -> dict[str, np.ndarray]:
     return {"x": entry["x"], **entry[key]}
 
 
-def write_outputs(runs: Sequence[dict[str, Any]], config: DemoConfig, out_dir: str) -> dict[str, str]:
-    """Figures (PNG), table (markdown, CSV) and every curve (JSON) into ``out_dir``; returns the paths."""
+def write_outputs(
+    runs: Sequence[dict[str, Any]], config: DemoConfig, out_dir: str, command: str | None = None
+) -> dict[str, str]:
+    """Figures (PNG), table (markdown, CSV) and every curve (JSON) into ``out_dir``; returns the paths.
+
+    ``results.md`` starts with the date (UTC) and the command that produced it (``command``, else the call).
+    """
     from . import plotting
 
     os.makedirs(out_dir, exist_ok=True)
@@ -439,8 +466,10 @@ def write_outputs(runs: Sequence[dict[str, Any]], config: DemoConfig, out_dir: s
         title=f"{config.env_id}: final return and AUC by staleness ({config.seeds} seeds, 95% t-interval)",
     )
     paths["table_markdown"] = os.path.join(out_dir, "results.md")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    how = f"`{command}`" if command else f"`gipo_core.experiments.demo.run_demo` ({config})"
     with open(paths["table_markdown"], "w", encoding="utf-8") as f:
-        f.write(table_markdown(summary, config) + "\n")
+        f.write(f"Generated {stamp} by {how}.\n\n" + table_markdown(summary, config) + "\n")
     paths["table_csv"] = os.path.join(out_dir, "results.csv")
     with open(paths["table_csv"], "w", encoding="utf-8", newline="") as f:
         f.write(_table_csv(summary, config))
@@ -467,7 +496,12 @@ def _worker_init() -> None:
 
 
 def run_demo(
-    config: DemoConfig, out_dir: str, *, progress: bool = True, log: Callable[[str], None] | None = None
+    config: DemoConfig,
+    out_dir: str,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Run every (objective, K, seed) cell, in parallel processes, and write the outputs.
 
@@ -502,5 +536,5 @@ def run_demo(
     if bar is not None:
         bar.close()
     runs.sort(key=lambda r: (config.objectives.index(r["objective"]), r["staleness"], r["seed"]))
-    paths = write_outputs(runs, config, out_dir)
+    paths = write_outputs(runs, config, out_dir, command)
     return runs, paths
