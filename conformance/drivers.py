@@ -375,6 +375,12 @@ class TfDriver(Driver):
         if device == "cuda":
             self.fw.config.experimental.enable_tensor_float_32_execution(False)
 
+    def foreign(self, x: np.ndarray) -> Any:
+        """gipo_core.tf converts NumPy arrays (as TensorFlow ops do): the foreign array is array-api-strict's."""
+        import array_api_strict as xp
+
+        return xp.asarray(x)
+
     def asarray(self, x, dtype, device):
         tf = self.fw
         x = np.asarray(x)

@@ -12,8 +12,9 @@ def make_arrays(target: Any, inputs: dict, dtype: str, denominator: Any = None, 
     d = target.driver
     conv = {k: d.asarray(v, "bool" if v.dtype == bool else dtype, target.device) for k, v in inputs.items()}
     kwargs = {}
-    if "behavior_weights" in conv:
-        kwargs["behavior_weights"] = conv["behavior_weights"]
+    for key in ("behavior_weights", "rollout_logp"):
+        if key in conv:
+            kwargs[key] = conv[key]
     if denominator is not None:
         kwargs["denominator"] = (
             d.asarray(np.asarray(denominator, dtype=np.float64), dtype, target.device)
@@ -38,6 +39,8 @@ def run(
     """Call ``fn_name`` and return ``(result as float64 NumPy, raw (loss, metrics, grad))``."""
     logp, args, kwargs = make_arrays(target, inputs, dtype, denominator, denominator_array)
     kwargs.update(options, agg=agg)
+    if isinstance(kwargs.get("rollout_is_bounds"), list):  # from JSON
+        kwargs["rollout_is_bounds"] = tuple(kwargs["rollout_is_bounds"])
     raw = target.driver.run(target.module, fn_name, logp, args, kwargs, compiler=compiler)
     return to_numpy(target, raw), raw
 

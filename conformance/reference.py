@@ -23,11 +23,30 @@ def reference_loss(
     mask: Any,
     bw: Any,
     denominator: float | None,
+    rollout_logp: Any = None,
 ) -> Any:
-    """Scalar loss; ``mask`` and ``bw`` are float arrays of ``logp``'s shape (ones when absent), inputs finite."""
+    """Scalar loss; ``mask`` and ``bw`` are float arrays of ``logp``'s shape (ones when absent), inputs finite.
+
+    The off-policy options come in ``opts``: at ``ratio_level="sequence"`` the log-ratio is GSPO-token's
+    ``sg(mean_t l) + logp - sg(logp)``; the rollout correction and OPSM are stop-gradient factors.
+    """
     sg = ops.stop_gradient
+    opts = dict(opts)
+    off = {k: opts.pop(k, None) for k in ("ratio_level", "rollout_is", "rollout_is_bounds", "opsm_delta")}
     valid = mask != 0
+    zeros = 0.0 * logp
+    ones = zeros + 1.0
+    vm = ops.where(valid, ones, zeros)
+    count = ops.sum(vm, axis=-1, keepdims=True)
+    count1 = ops.where(count > 0, count, count + 1.0)
+
+    def seq_mean(x):
+        return ops.sum(ops.where(valid, x, zeros), axis=-1, keepdims=True) / count1
+
     ell = logp - old_logp
+    token_ell = ell
+    if off["ratio_level"] == "sequence":
+        ell = sg(seq_mean(token_ell)) + logp - sg(logp)
     adv = adv + 0.0 * logp  # broadcast a (..., 1) advantage the explicit way
     rho = ops.exp(ell)
     pos = adv > 0
@@ -54,14 +73,44 @@ def reference_loss(
         tau = ops.where(pos, ops.full_like(ell, opts.get("tau_pos", 1.0)), ops.full_like(ell, opts.get("tau_neg", 1.05)))
         per = -adv * (4.0 / tau) / (1.0 + ops.exp(-tau * (rho - 1.0)))
     else:  # cispo
-        per = -sg(ops.minimum(rho, ops.full_like(rho, opts.get("clip_max", 5.0)))) * adv * logp
+        u = ops.minimum(rho, ops.full_like(rho, opts.get("clip_max", 5.0)))
+        if opts.get("clip_min") is not None:
+            u = ops.maximum(u, ops.full_like(rho, opts["clip_min"]))
+        per = -sg(u) * adv * logp
+    factor = ones
+    if off["rollout_is"] is not None:
+        r = old_logp - rollout_logp
+        mode = off["rollout_is"]
+        low, high = off["rollout_is_bounds"] or {
+            "token-truncate": (0.0, 2.0), "token-mask": (0.5, 5.0), "sequence-truncate": (0.0, 2.0),
+            "sequence-mask": (0.5, 2.0), "geometric-mask": (0.999, 1.001)}[mode]
+        if mode.startswith("token"):
+            w = ops.exp(r)
+        elif mode.startswith("sequence"):
+            w = ops.exp(ops.sum(ops.where(valid, r, zeros), axis=-1, keepdims=True)) + zeros
+        else:
+            w = ops.exp(seq_mean(r)) + zeros
+        if mode.endswith("truncate"):
+            w = ops.maximum(ops.minimum(w, zeros + high), zeros + low)
+        else:
+            w = ops.where((w >= low) & (w <= high), w, zeros)
+        factor = factor * w
+    if off["opsm_delta"] is not None:
+        behaviour = old_logp if rollout_logp is None else rollout_logp
+        stat = seq_mean(behaviour - logp) + zeros
+        a_seq = seq_mean(adv) + zeros
+        factor = ops.where((a_seq < 0) & (stat > off["opsm_delta"]), zeros, factor)
     m = mask
     one = lambda x: ops.full_like(x, 1.0)  # noqa: E731
+    n_seq_valid = ops.sum(ops.where(count > 0, count * 0.0 + 1.0, count * 0.0))
     if agg == "token-mean":
         total = ops.sum(m)
         coef = m / (denominator if denominator is not None else ops.where(total > 0, total, one(total)))
+    elif agg == "token-sum":
+        coef = m / (denominator if denominator is not None else 1.0)
     elif agg == "seq-mean-token-sum-norm":
-        coef = m / (denominator if denominator is not None else logp.shape[-1])
+        d = ops.where(n_seq_valid > 0, n_seq_valid, one(n_seq_valid)) * logp.shape[-1]
+        coef = m / (denominator if denominator is not None else d)
     else:
         per_seq = ops.sum(m, axis=-1, keepdims=True)
         n_seq = ops.sum(ops.where(per_seq > 0, one(per_seq), 0.0 * per_seq))
@@ -70,5 +119,5 @@ def reference_loss(
             coef = m / n_seq
         else:
             coef = m / (ops.where(per_seq > 0, per_seq, one(per_seq)) * n_seq)
-    coef = sg(coef * bw)
+    coef = sg(coef * bw * factor)
     return ops.sum(ops.where(valid, coef * per, 0.0 * per))

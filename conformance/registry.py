@@ -18,7 +18,7 @@ import numpy as np
 
 from . import make_golden as oracle
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 PUBLIC = {"gipo": "gipo_loss", "ppo_clip": "ppo_clip_loss", "no_clip": "no_clip_loss", "sapo": "sapo_loss",
           "cispo": "cispo_loss"}
 
@@ -37,6 +37,23 @@ OPTION_SETS = (
     ("sapo", "tauneg2", {"tau_pos": 1.0, "tau_neg": 2.0}),
     ("cispo", "default", {}),
     ("cispo", "max1.5", {"clip_max": 1.5}),
+    ("cispo", "min0.8", {"clip_min": 0.8}),
+)
+#: (objective, label, options, rollout): the off-policy option sets; ``rollout`` gives the case a
+#: ``rollout_logp`` input. Each meets two aggregation modes (rotating), not all of them.
+OFFPOLICY_SETS = (
+    ("gipo", "s1-seq", {"sigma": 1.0, "ratio_level": "sequence"}, False),
+    ("ppo_clip", "gspo", {"clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"}, False),
+    ("sapo", "seq", {"ratio_level": "sequence"}, False),
+    ("cispo", "min0.8-seq", {"clip_min": 0.8, "ratio_level": "sequence"}, False),
+    ("no_clip", "seq-tis", {"ratio_level": "sequence", "rollout_is": "token-truncate"}, True),
+    ("gipo", "s0.5-token-mask", {"sigma": 0.5, "rollout_is": "token-mask"}, True),
+    ("ppo_clip", "dual3-seq-tis", {"dual_clip": 3.0, "rollout_is": "sequence-truncate"}, True),
+    ("cispo", "seq-mis", {"rollout_is": "sequence-mask", "rollout_is_bounds": (0.3, 3.0)}, True),
+    ("sapo", "geo-mask", {"rollout_is": "geometric-mask", "rollout_is_bounds": (0.7, 1.4)}, True),
+    ("gipo", "s1-opsm", {"sigma": 1.0, "opsm_delta": 0.1}, False),
+    ("ppo_clip", "opsm-ro-tis", {"opsm_delta": 0.05, "rollout_is": "token-truncate"}, True),
+    ("no_clip", "ro-diagnostics", {}, True),
 )
 #: Mask variants: none, bool, float weights, some all-masked rows, an all-masked batch, NaN/inf planted at
 #: masked positions (of every input).
@@ -58,6 +75,7 @@ class Case:
     weights: bool
     seed: int
     id: str = field(default="")
+    rollout: bool = False
 
     @property
     def fn_name(self) -> str:
@@ -94,6 +112,8 @@ def _inputs_cached(case: Case) -> dict:
             out["mask"] = valid
     if case.weights:
         out["behavior_weights"] = rng.uniform(0.5, 1.5, shape)
+    if case.rollout:
+        out["rollout_logp"] = old - np.random.default_rng(case.seed + 7).normal(0.0, 0.3, shape)
     if case.mask == "nan":
         bad = ~out["mask"]
         out["logp"] = np.where(bad, np.nan, logp)
@@ -102,6 +122,8 @@ def _inputs_cached(case: Case) -> dict:
             out["advantages"] = np.where(bad, -np.inf, adv)
         if case.weights:
             out["behavior_weights"] = np.where(bad, np.nan, out["behavior_weights"])
+        if case.rollout:
+            out["rollout_logp"] = np.where(bad, -np.inf, out["rollout_logp"])
     return out
 
 
@@ -124,7 +146,9 @@ def denominator_value(case: Case, inputs: dict) -> float | None:
     if case.agg == "token-mean":
         return float(math.prod(shape) + 3)
     if case.agg == "seq-mean-token-sum-norm":
-        return float(shape[-1] + 2)
+        return float((math.prod(shape[:-1]) + 1) * shape[-1])
+    if case.agg == "token-sum":
+        return 4.0
     return float(math.prod(shape[:-1]) + 1)
 
 
@@ -143,6 +167,20 @@ def _make_registry() -> list[Case]:
             cid = f"{objective}-{label}-{agg}-mask_{mask}-{shape}-den_{denom}" + ("-bw" if weights else "")
             cases.append(Case(objective, label, tuple(opts.items()), agg, mask, shape, denom, weights, 1000 + k, cid))
             k += 1
+    # Off-policy sets: sequence quantities need rows with valid elements, so the all-masked variants (covered
+    # by the golden data and test_properties) are left out of this rotation.
+    offpolicy_masks = ("bool", "rows", "float", "nan", "none", "bool")
+    offpolicy_shapes = ("bt-perseq", "bt", "bt-perseq", "1d", "bt")
+    for j, (objective, label, opts, rollout) in enumerate(OFFPOLICY_SETS):
+        for i, agg in enumerate((AGG_MODES[j % len(AGG_MODES)], AGG_MODES[(j + 2) % len(AGG_MODES)])):
+            mask = offpolicy_masks[(2 * j + i) % len(offpolicy_masks)]
+            shape = offpolicy_shapes[(2 * j + i) % len(offpolicy_shapes)]
+            denom = DENOMINATORS[k % len(DENOMINATORS)]
+            weights = k % 4 in (1, 2)
+            cid = f"{objective}-{label}-{agg}-mask_{mask}-{shape}-den_{denom}" + ("-bw" if weights else "")
+            cases.append(Case(objective, label, tuple(opts.items()), agg, mask, shape, denom, weights, 1000 + k, cid,
+                              rollout))
+            k += 1
     return cases
 
 
@@ -159,10 +197,23 @@ def one_per_option_set(agg: str | None = None) -> list[Case]:
 
 
 def one_per_objective() -> list[Case]:
+    """The first case of each objective with a valid element and no NaN planted (the per-example checks
+    drop the mask)."""
     seen: dict = {}
     for c in REGISTRY:
-        if has_valid(c):
+        if has_valid(c) and c.mask != "nan":
             seen.setdefault(c.objective, c)
+    return list(seen.values())
+
+
+def offpolicy_samples() -> list[Case]:
+    """One case each of the sequence ratio with a rollout correction, a sequence mask, a geometric mask and
+    OPSM (for the compiler checks), each with a valid element and no NaN planted."""
+    wanted = ("s1-seq", "dual3-seq-tis", "seq-mis", "geo-mask", "s1-opsm")
+    seen: dict = {}
+    for c in REGISTRY:
+        if c.label in wanted and has_valid(c) and c.mask != "nan" and c.shape != "zero":
+            seen.setdefault(c.label, c)
     return list(seen.values())
 
 
@@ -173,7 +224,14 @@ GOLDEN = json.loads(oracle.GOLDEN.read_text()) if oracle.GOLDEN.exists() else {"
 
 
 def golden_cases() -> list[dict]:
-    return GOLDEN["cases"]
+    """The stored golden cases, less those superseded by a later convention (see ``superseded``)."""
+    gone = superseded()
+    return [c for c in GOLDEN["cases"] if c["id"] not in gone]
+
+
+def superseded() -> dict:
+    """Stored golden ids that follow an old convention -> ``{"by": replacement id, "reason": ...}``."""
+    return GOLDEN.get("superseded", {})
 
 
 def golden_inputs(case: dict, dtype: str) -> dict:
@@ -205,7 +263,7 @@ def _oracle_cached(case: Case, dtype: str) -> dict:
     return oracle.evaluate(
         case.objective, case.opts, case.agg, inputs["logp"], inputs["old_logp"], inputs["advantages"],
         inputs.get("mask"), inputs.get("behavior_weights"), denominator_value(case, inputs),
-        oracle.work_dtype(dtype),
+        oracle.work_dtype(dtype), inputs.get("rollout_logp"),
     )
 
 

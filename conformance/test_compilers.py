@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from . import harness, registry
-from .registry import compare, one_per_objective, rounded_inputs
+from .registry import compare, offpolicy_samples, one_per_objective, rounded_inputs
 
 
-@pytest.mark.conformance(cases=one_per_objective, dtypes=("float32",))
+@pytest.mark.conformance(cases=lambda: one_per_objective() + offpolicy_samples(), dtypes=("float32",))
 def test_compiled_matches_oracle(target, dtype, compiler, case) -> None:
     """torch.compile(fullgraph=True) (a graph break is an error), jax.jit, tf.function with and without
-    jit_compile: loss, gradient and diagnostics still equal the oracle's."""
+    jit_compile: loss, gradient and diagnostics still equal the oracle's, with the off-policy options too."""
     got, _ = harness.run_case(target, case, dtype, compiler=compiler)
     problems = compare(got, registry.expected(case, dtype), dtype)
     assert not problems, "\n".join(problems)

@@ -29,6 +29,17 @@ def test_golden_data_is_present() -> None:
     assert objectives == set(registry.PUBLIC), f"golden data covers {sorted(objectives)}"
 
 
+def test_superseded_golden_entries_are_replaced() -> None:
+    """Every golden entry set aside for an old convention names a stored replacement (the data is append-only:
+    old entries stay in the file, listed under ``superseded``, and are not compared)."""
+    stored = {c["id"] for c in registry.GOLDEN["cases"]}
+    gone = registry.superseded()
+    assert set(gone) == set(registry.oracle.SUPERSEDED), "the file and make_golden.SUPERSEDED disagree"
+    for old, entry in gone.items():
+        assert old in stored and entry["by"] in stored, f"{old} -> {entry['by']}: missing from the golden data"
+        assert entry["by"] in {c["id"] for c in golden_cases()}
+
+
 @pytest.mark.conformance(cases=_golden_id_cases)
 def test_golden(target, dtype, case) -> None:
     """Loss, gradient and diagnostics equal the oracle's on the golden inputs rounded to ``dtype``."""

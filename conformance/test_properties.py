@@ -10,8 +10,6 @@ import pytest
 from . import harness, registry
 from .registry import AGG_MODES, OPTION_SETS, PUBLIC, REGISTRY, Case, compare, rounded_inputs
 
-METRIC_NAMES = tuple(registry.oracle.METRICS)
-
 
 def _variants(mask: str, shape: str) -> list[Case]:
     """One case per objective (its first option set) and aggregation mode, with the given mask and shape."""
@@ -39,7 +37,7 @@ def test_empty_batch_gives_zeros(target, dtype, case) -> None:
     assert np.all(got["grad"] == 0.0), f"gradient {got['grad']}"
     bad = {k: float(v) for k, v in got["metrics"].items() if not v == 0.0}
     assert not bad, f"non-zero diagnostics on an empty batch: {bad}"
-    assert sorted(got["metrics"]) == sorted(METRIC_NAMES)
+    assert sorted(got["metrics"]) == sorted(registry.oracle.metric_names(case.objective, case.opts, case.rollout))
 
 
 def _masked_cases() -> list[Case]:
@@ -155,8 +153,31 @@ def test_no_nan_for_finite_inputs(target, dtype, case) -> None:
         assert not nan, f"NaN diagnostics: {nan}"
 
 
+@pytest.mark.conformance(cases=lambda: [c for c in _variants("bool", "bt") if c.agg == "token-mean"],
+                         dtypes=("float32",))
+def test_nan_input_shows_in_every_diagnostic(target, dtype, case) -> None:
+    """A NaN at a valid element of logp or of the advantages makes every diagnostic but n_valid NaN (none may
+    hide it as a number, as ess once did with 0.0)."""
+    inputs = rounded_inputs(case, dtype)
+    valid = np.argwhere(inputs["mask"])[0]
+    for key in ("logp", "advantages"):
+        poisoned = {k: v.copy() for k, v in inputs.items()}
+        poisoned[key][tuple(valid)] = np.nan
+        got, _ = harness.run_case(target, case, dtype, poisoned)
+        numbers = {k: float(v) for k, v in got["metrics"].items() if k != "n_valid" and not np.isnan(v)}
+        assert not numbers, f"NaN in {key}, yet these diagnostics are numbers: {numbers}"
+        assert float(got["metrics"]["n_valid"]) == float(np.sum(inputs["mask"]))
+
+
 def _shard_cases() -> list[Case]:
-    return [c for c in _variants("rows", "bt-perseq") if c.objective in ("gipo", "ppo_clip", "cispo")]
+    base = [c for c in _variants("rows", "bt-perseq") if c.objective in ("gipo", "ppo_clip", "cispo")]
+    off = []
+    for k, (objective, label, opts, rollout) in enumerate(registry.OFFPOLICY_SETS):
+        agg = AGG_MODES[k % len(AGG_MODES)]
+        cid = f"{objective}-{label}-{agg}-mask_rows-bt-perseq"
+        off.append(Case(objective, label, tuple(opts.items()), agg, "rows", "bt-perseq", "none", False, 600 + k, cid,
+                        rollout))
+    return base + off
 
 
 @pytest.mark.conformance(cases=_shard_cases, dtypes=("float32", "float64"))
@@ -167,7 +188,9 @@ def test_sharding_invariance(target, dtype, case) -> None:
     if case.agg == "token-mean":
         global_count = float(np.sum(mask))
     elif case.agg == "seq-mean-token-sum-norm":
-        global_count = float(mask.shape[-1])
+        global_count = float(np.sum(np.any(mask, axis=-1)) * mask.shape[-1])
+    elif case.agg == "token-sum":
+        global_count = None
     else:
         global_count = float(np.sum(np.any(mask, axis=-1)))
     full, _ = harness.run(target, case.fn_name, inputs, dtype, case.opts, case.agg)
@@ -178,7 +201,8 @@ def test_sharding_invariance(target, dtype, case) -> None:
         for s in shards
     ]
     exp = registry.oracle.evaluate(case.objective, case.opts, case.agg, inputs["logp"], inputs["old_logp"],
-                                   inputs["advantages"], mask, None, None, registry.oracle.work_dtype(dtype))
+                                   inputs["advantages"], mask, None, None, registry.oracle.work_dtype(dtype),
+                                   inputs.get("rollout_logp"))
     rs, rv, at = registry.tolerance(dtype, "loss")
     total = sum(float(p["loss"]) for p in parts)
     assert abs(total - float(full["loss"])) <= 2 * (rs * exp["scale"]["loss"] + rv * abs(exp["loss"])) + at, (
@@ -212,7 +236,7 @@ BAD_INPUTS = [
     ("sigma-negative", "gipo_loss", ValueError, "sigma", {"sigma": -1.0}),
     ("sigma-nan", "gipo_loss", ValueError, "sigma", {"sigma": float("nan")}),
     ("sigma-inf", "gipo_loss", ValueError, "sigma", {"sigma": float("inf")}),
-    ("sigma-string", "gipo_loss", ValueError, "sigma", {"sigma": "1"}),
+    ("sigma-string", "gipo_loss", TypeError, "sigma", {"sigma": "1"}),
     ("sigma_neg-zero", "gipo_loss", ValueError, "sigma_neg", {"sigma_neg": 0.0}),
     ("kernel-unknown", "gipo_loss", ValueError, "kernel", {"kernel": "box"}),
     ("agg-unknown", "gipo_loss", ValueError, "agg", {"agg": "mean"}),
@@ -227,6 +251,14 @@ BAD_INPUTS = [
     ("denominator-shape", "gipo_loss", ValueError, "denominator", {"denominator": "vector"}),
     ("with_metrics-string", "gipo_loss", TypeError, "with_metrics", {"with_metrics": "yes"}),
     ("unknown-keyword", "gipo_loss", TypeError, "sigmaa", {"sigmaa": 1.0}),
+    ("ratio_level-unknown", "gipo_loss", ValueError, "ratio_level", {"ratio_level": "batch"}),
+    ("rollout_is-unknown", "gipo_loss", ValueError, "rollout_is", {"rollout_is": "token"}),
+    ("rollout_is-without-rollout_logp", "ppo_clip_loss", ValueError, "rollout_logp", {"rollout_is": "token-mask"}),
+    ("rollout_is_bounds-order", "gipo_loss", ValueError, "rollout_is_bounds", {"rollout_is_bounds": (2.0, 0.5)}),
+    ("rollout_logp-shape", "sapo_loss", ValueError, "rollout_logp", {"rollout_logp": "short"}),
+    ("rollout_logp-int", "cispo_loss", TypeError, "rollout_logp", {"rollout_logp": "int32"}),
+    ("clip_min-above-clip_max", "cispo_loss", ValueError, "clip_min", {"clip_min": 6.0}),
+    ("opsm_delta-string", "gipo_loss", TypeError, "opsm_delta", {"opsm_delta": "0.1"}),
 ]
 
 
@@ -238,7 +270,7 @@ def test_bad_input_raises(target, case) -> None:
     shape = (2, 4)
     base = {"logp": -rng.uniform(0.1, 1, shape), "old_logp": -rng.uniform(0.1, 1, shape),
             "advantages": rng.normal(size=shape), "mask": rng.uniform(size=shape) < 0.8,
-            "behavior_weights": rng.uniform(0.5, 1.5, shape)}
+            "behavior_weights": rng.uniform(0.5, 1.5, shape), "rollout_logp": -rng.uniform(0.1, 1, shape)}
     arrays = {k: d.asarray(v, "bool" if v.dtype == bool else "float32", dev) for k, v in base.items()}
     kwargs: dict = {}
     for key, how in case.change.items():
@@ -260,6 +292,8 @@ def test_bad_input_raises(target, case) -> None:
         kwargs["denominator"] = d.asarray(np.array([3.0, 4.0]), "float32", dev)
     if case.fn == "gipo_loss" or "behavior_weights" in case.change:
         kwargs.setdefault("behavior_weights", arrays["behavior_weights"])
+    if "rollout_logp" in case.change:
+        kwargs["rollout_logp"] = arrays["rollout_logp"]
     fn = getattr(target.module, case.fn)
     with pytest.raises(case.exc) as info:
         fn(arrays["logp"], arrays["old_logp"], arrays["advantages"], arrays["mask"], **kwargs)

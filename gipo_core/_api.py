@@ -202,6 +202,11 @@ def call(
     if denominator is not None:
         # One element of any shape, as a 0-d array: a (1, 1, 1) denominator must not broadcast the gradient.
         denominator = xp.reshape(checks.check_denominator(fn, denominator, logp, xp), ())
+    if spec.rollout_is is not None and rollout_logp is None:
+        raise ValueError(
+            f"`{fn}`: `rollout_is={spec.rollout_is!r}` corrects with `rollout_logp`, which is None; pass the "
+            "log-probs of the policy that generated the samples"
+        )
     arrays = LossArrays(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
     return backend.run(arrays, spec, xp)
 

@@ -170,7 +170,7 @@ def _triton_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, 
 def _plain(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]:
     loss, saved, metrics = forward(*arrays, spec=spec, xp=_xp)
     # One tensor for all the diagnostics: each output of an autograd.Function costs Python time.
-    stacked = torch.stack(list(metrics.values())) if spec.with_metrics else None
+    stacked = torch.stack(list(metrics.values())) if metrics else None
     return loss, saved, stacked
 
 

@@ -47,7 +47,7 @@ class GipoLossFunction(Protocol[A_contra]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
         denominator: float | A_contra | None = None,
         behavior_weights: A_contra | None = None,
         rollout_logp: A_contra | None = None,
@@ -70,7 +70,7 @@ class GIPOLossInit(LossClass[A]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
     ) -> None:
         self._configure({"sigma": sigma, "sigma_neg": sigma_neg, "kernel": kernel}, {"agg": agg, "ratio_level": ratio_level, "rollout_is": rollout_is, "rollout_is_bounds": rollout_is_bounds, "opsm_delta": opsm_delta, "with_metrics": with_metrics})
 
@@ -93,7 +93,7 @@ class PpoClipLossFunction(Protocol[A_contra]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
         denominator: float | A_contra | None = None,
         behavior_weights: A_contra | None = None,
         rollout_logp: A_contra | None = None,
@@ -116,7 +116,7 @@ class PPOClipLossInit(LossClass[A]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
     ) -> None:
         self._configure({"clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip}, {"agg": agg, "ratio_level": ratio_level, "rollout_is": rollout_is, "rollout_is_bounds": rollout_is_bounds, "opsm_delta": opsm_delta, "with_metrics": with_metrics})
 
@@ -136,7 +136,7 @@ class NoClipLossFunction(Protocol[A_contra]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
         denominator: float | A_contra | None = None,
         behavior_weights: A_contra | None = None,
         rollout_logp: A_contra | None = None,
@@ -156,7 +156,7 @@ class NoClipLossInit(LossClass[A]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
     ) -> None:
         self._configure({}, {"agg": agg, "ratio_level": ratio_level, "rollout_is": rollout_is, "rollout_is_bounds": rollout_is_bounds, "opsm_delta": opsm_delta, "with_metrics": with_metrics})
 
@@ -178,7 +178,7 @@ class SapoLossFunction(Protocol[A_contra]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
         denominator: float | A_contra | None = None,
         behavior_weights: A_contra | None = None,
         rollout_logp: A_contra | None = None,
@@ -200,7 +200,7 @@ class SAPOLossInit(LossClass[A]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
     ) -> None:
         self._configure({"tau_pos": tau_pos, "tau_neg": tau_neg}, {"agg": agg, "ratio_level": ratio_level, "rollout_is": rollout_is, "rollout_is_bounds": rollout_is_bounds, "opsm_delta": opsm_delta, "with_metrics": with_metrics})
 
@@ -222,7 +222,7 @@ class CispoLossFunction(Protocol[A_contra]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
         denominator: float | A_contra | None = None,
         behavior_weights: A_contra | None = None,
         rollout_logp: A_contra | None = None,
@@ -244,6 +244,6 @@ class CISPOLossInit(LossClass[A]):
         rollout_is: Literal["token-truncate", "token-mask", "sequence-truncate", "sequence-mask", "geometric-mask"] | None = None,
         rollout_is_bounds: tuple[float, float] | None = None,
         opsm_delta: float | None = None,
-        with_metrics: bool = True,
+        with_metrics: bool | Literal["basic"] = True,
     ) -> None:
         self._configure({"clip_max": clip_max, "clip_min": clip_min}, {"agg": agg, "ratio_level": ratio_level, "rollout_is": rollout_is, "rollout_is_bounds": rollout_is_bounds, "opsm_delta": opsm_delta, "with_metrics": with_metrics})

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import _typing
 from ._api import Backend, LossArrays, LossClass, LossOutput, first_order_only, make_api
-from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 
 __all__ = ["LossOutput"]
@@ -109,7 +109,8 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     loss, metrics = _loss((spec, arrays.logp.dtype, xp), *arrays)
     # A dict that went through a JAX transformation comes back with its keys sorted: restore the
     # documented order (what leaves a user's own jax.jit is sorted again; JAX does that to every dict).
-    return LossOutput(loss, {name: metrics[name] for name in METRIC_NAMES if name in metrics})
+    names = metric_names(spec, arrays.rollout_logp is not None)
+    return LossOutput(loss, {name: metrics[name] for name in names})
 
 
 def _to_jax(x: Any) -> Any:

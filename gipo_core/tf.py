@@ -39,7 +39,7 @@ from tensorflow.python.eager import forwardprop_util  # no public way to see an 
 
 from . import _typing
 from ._api import Backend, LossArrays, LossClass, LossOutput, first_order_only, make_api
-from ._core.engine import METRIC_NAMES, LossSpec, backward, forward
+from ._core.engine import LossSpec, backward, forward, metric_names
 from ._core.objectives import OBJECTIVES
 
 __all__ = ["LossOutput"]
@@ -90,7 +90,7 @@ def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
 
     with placed():
         loss, *values = loss_and_metrics(logp)
-    metrics = dict(zip(METRIC_NAMES, values)) if spec.with_metrics else {}
+    metrics = dict(zip(metric_names(spec, arrays.rollout_logp is not None), values))
     return LossOutput(loss, metrics)
 
 

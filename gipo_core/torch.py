@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _typing
 from ._api import METRIC_NAMES, Backend, LossArrays, LossClass, LossOutput, make_api
-from ._core.engine import LossSpec, backward
+from ._core.engine import LossSpec, backward, metric_names
 from ._core.objectives import OBJECTIVES
 from ._torch_fused import core_forward, fused_settings, set_fused
 from ._torch_namespace import namespace as _xp
@@ -124,7 +124,8 @@ _LossFunction.forward.__signature__ = inspect.signature(_LossFunction.forward)
 
 def _run(arrays: LossArrays, spec: LossSpec, xp: Any) -> LossOutput:
     out = _LossFunction.apply(*arrays, spec)
-    metrics = dict(zip(METRIC_NAMES, out[2].unbind(0))) if spec.with_metrics else {}
+    names = metric_names(spec, arrays.rollout_logp is not None)
+    metrics = dict(zip(names, out[2].unbind(0))) if names else {}
     return LossOutput(out[0], metrics)
 
 

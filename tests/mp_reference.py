@@ -48,6 +48,8 @@ def _element(objective: str, ell, a, logp, opts):
         return -a * 4 / tau * p, -a * 4 * p * (1 - p) * rho
     if objective == "cispo":
         w = min(rho, mp.mpf(opts.get("clip_max", 5.0)))
+        if opts.get("clip_min") is not None:
+            w = max(w, mp.mpf(opts["clip_min"]))
         return -w * a * logp, -w * a
     raise ValueError(objective)
 
@@ -71,8 +73,11 @@ def reference(objective, logp, old_logp, adv, mask=None, *, agg="token-mean", de
     row_count = [mp.fsum(mp.mpf(float(v)) for v in m2[i]) for i in range(n_rows)]
     if agg == "token-mean":
         denom_all = mp.mpf(denominator) if denominator is not None else mp.fsum(row_count)
-    elif agg == "seq-mean-token-sum-norm":
-        denom_all = mp.mpf(denominator) if denominator is not None else mp.mpf(n_t)
+    elif agg == "seq-mean-token-sum-norm":  # verl since 2026: sequences with a valid token x the horizon
+        denom_all = (mp.mpf(denominator) if denominator is not None
+                     else mp.mpf(sum(1 for c in row_count if c > 0)) * n_t)
+    elif agg == "token-sum":
+        denom_all = mp.mpf(denominator) if denominator is not None else mp.mpf(1)
     else:
         denom_all = (mp.mpf(denominator) if denominator is not None
                      else mp.mpf(sum(1 for c in row_count if c > 0)))

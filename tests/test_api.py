@@ -278,8 +278,7 @@ RANGES = [
     ("sapo_loss", "tau_pos", *SCALE_RANGE),
     ("sapo_loss", "tau_neg", *SCALE_RANGE),
     ("cispo_loss", "clip_max", *SCALE_RANGE),
-    pytest.param("cispo_loss", "clip_min", SCALE_RANGE[0], 4.0, marks=pytest.mark.xfail(
-        raises=NotImplementedError, strict=True, reason="clip_min lands with the off-policy engine (issue 13)")),
+    ("cispo_loss", "clip_min", SCALE_RANGE[0], 4.0),
 ]
 OUTSIDE = {
     "sigma": [3.8e-20, 1e-200, 1e155, 0.0, -1.0, math.inf],

@@ -179,6 +179,7 @@ def test_report_writes_ratios(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         ("torch_targets.py", ["--large", "11", "--repeat", "1", "--no-compile"], "torch"),
         ("jax_targets.py", ["--help"], "jax"),
         ("tf_targets.py", ["--help"], "tensorflow"),
+        ("diagnostics_overhead.py", ["--log2-n", "10", "--repeat", "1"], "torch"),
     ],
 )
 def test_target_scripts_run(script: str, args: list, framework: str) -> None:

@@ -346,12 +346,14 @@ def test_data_parallel_ranks_average_to_the_full_batch(agg, world):
     full, full_grad = loss_and_grad(gt.gipo_loss, logp, old, adv, mask, agg=agg)
     if agg == "token-mean":
         local_counts = [m.sum() for m in mask.chunk(world)]
-    elif agg == "seq-mean-token-sum-norm":
-        local_counts = [torch.tensor(float(mask.shape[-1]) / world)] * world  # the constant C, shared
+    elif agg == "token-sum":  # no count: the whole is 1, and DDP's average needs the world size undone
+        local_counts = [torch.tensor(1.0 / world)] * world
+    elif agg == "seq-mean-token-sum-norm":  # sequences with a valid token times the horizon T
+        local_counts = [(m.sum(-1) > 0).sum() * mask.shape[-1] for m in mask.chunk(world)]
     else:
         local_counts = [(m.sum(-1) > 0).sum() for m in mask.chunk(world)]
     global_count = torch.stack(local_counts).sum().double()  # all_reduce(SUM)
-    den = global_count / world if agg != "seq-mean-token-sum-norm" else global_count / world
+    den = global_count / world
     losses, grads = [], []
     for lp, o, a, m in zip(logp.chunk(world), old.chunk(world), adv.chunk(world), mask.chunk(world)):
         out, g = loss_and_grad(gt.gipo_loss, lp, o, a, m, agg=agg, denominator=den)

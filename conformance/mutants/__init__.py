@@ -17,11 +17,17 @@ MUTANTS = {
     "literal_exp": "test_golden and float32 and gipo-gaussian",
     "grad_through_weight": "test_finite_differences and gipo",
     "mask_after_exp": "test_masked_values_never_leak",
-    "wrong_denominator": "test_registry and seq-mean-token-sum- and mask_rows",
+    "wrong_denominator": "test_golden and gipo-batch-seq-mean-token-sum-boolmask",
     "rel_error_1e5": "test_golden and float64",
     "nan_all_masked": "test_empty_batch_gives_zeros",
     "ignored_sigma_neg": "test_golden and sneg",
     "broadcast_advantages": "test_advantage_broadcasting",
+    "per_token_sequence_mask": "test_golden and offpolicy-rollout-sequence-mask",
+    "mean_over_padding": "test_golden and offpolicy-seq-gipo-s1-",
+    "rollout_weight_with_gradient": "test_golden and offpolicy-rollout-token-truncate-gipo",
+    "sequence_weight_from_mean": "test_golden and offpolicy-rollout-sequence-",
+    "geometric_weight_from_sum": "test_golden and offpolicy-rollout-geometric-mask",
+    "opsm_positive_advantages": "test_golden and offpolicy-opsm-",
 }
 
 PUBLIC = ("gipo_loss", "ppo_clip_loss", "no_clip_loss", "sapo_loss", "cispo_loss", "gaussian_trust_weight",

@@ -241,15 +241,23 @@ def _sapo_weight(ell: Any, adv: Any, opts: Mapping[str, Any], xp: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ CISPO
 
 
+def _cispo_log_u(ell: Any, opts: Mapping[str, Any], xp: Any) -> Any:
+    """``log clip(rho, clip_min, clip_max)`` (no lower clip when ``clip_min`` is None)."""
+    clipped = xp.minimum(ell, math.log(opts["clip_max"]))
+    if opts.get("clip_min") is not None:
+        clipped = xp.maximum(clipped, math.log(opts["clip_min"]))
+    return clipped
+
+
 def _cispo_terms(ell: Any, adv: Any, logp: Any, opts: Mapping[str, Any], xp: Any) -> ElementTerms:
-    # stopgrad(min(rho, eps_max)) computed as exp(min(l, log eps_max)): never overflows.
-    u = xp.exp(xp.minimum(ell, math.log(opts["clip_max"])))
+    # stopgrad(clip(rho, eps_min, eps_max)) computed as exp(clip(l, log eps_min, log eps_max)): never overflows.
+    u = xp.exp(_cispo_log_u(ell, opts, xp))
     grad = neg_adv_times(adv, u, xp)
     return ElementTerms(loss=grad * logp, grad=grad, mult=u)
 
 
 def _cispo_weight(ell: Any, adv: Any, opts: Mapping[str, Any], xp: Any) -> Any:
-    return xp.exp(xp.minimum(ell, math.log(opts["clip_max"])) - ell)
+    return xp.exp(_cispo_log_u(ell, opts, xp) - ell)
 
 
 _SCALE = f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]"
@@ -368,8 +376,9 @@ OBJECTIVES: dict[str, Objective] = {
         summary="CISPO loss: REINFORCE on logp weighted by the detached, clipped importance ratio.",
         uses_logp=True,
         math=(
-            "L = -stopgrad(min(rho, clip_max)) * A * logp; dL/dlogp = -A * min(rho, clip_max),\n"
-            "computed as exp(min(l, log clip_max)), which never overflows."
+            "L = -stopgrad(clip(rho, clip_min, clip_max)) * A * logp; dL/dlogp = -A * clip(rho, clip_min, clip_max),\n"
+            "computed as exp(clip(l, log clip_min, log clip_max)), which never overflows; clip_min=None (the\n"
+            "default, as in TRL and MiniMax-M1) clips only above; verl's CISPO clips both sides."
         ),
     ),
 }

@@ -69,9 +69,11 @@ CALL_ARRAYS = (
     (
         "denominator",
         "float or one-element array, optional",
-        "The global token count (token-mean), sequence count (seq-mean-*) or constant (...-sum-norm) to divide\n"
-        "by instead of the local one, so that losses of shards of one batch (data-parallel ranks, gradient-\n"
-        "accumulation micro-batches) add up exactly to the full-batch loss. A number must lie in\n"
+        "The whole number the weighted sum is divided by, in place of the local one: the global token count\n"
+        "(token-mean), sequence count (seq-mean-token-sum, seq-mean-token-mean), sequence count times the\n"
+        "horizon (seq-mean-token-sum-norm), any constant (token-sum), so that losses of shards of one batch\n"
+        "(data-parallel ranks, gradient-accumulation micro-batches) add up exactly to the full-batch loss\n"
+        "(pass the global value divided by the number of shards). A number must lie in\n"
         f"[{DENOMINATOR_RANGE[0]:g}, {DENOMINATOR_RANGE[1]:g}]; an array (int or float, one element, any shape) is\n"
         "not read on the host.",
     ),
@@ -89,13 +91,19 @@ CALL_ARRAYS = (
     ),
 )
 
+def _metrics_level(fn: str, name: str, value: Any) -> Any:
+    """``with_metrics``: True, False (NumPy bools too) or ``"basic"``."""
+    return _metrics_level_check(fn, name, value)
+
+
 COMMON_OPTIONS: tuple[Option, ...] = (
     option(
         "agg",
         "token-mean",
         "Literal[" + ", ".join(f'"{a}"' for a in AGG_MODES) + "]",
         "How per-element losses are reduced (verl's names): sum(m L) / N_tok; sum(m L) / N_seq; the mean over\n"
-        "sequences of each sequence's token mean; sum(m L) / C with C the length of the time axis; sum(m L).",
+        "sequences of each sequence's token mean; sum(m L) / (N_seq T) with T the length of the time axis;\n"
+        "sum(m L).",
         choice(AGG_MODES),
     ),
     option(
@@ -131,13 +139,23 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     option(
         "with_metrics",
         True,
-        "bool",
-        "Compute the diagnostics. False skips their passes over the data and returns an empty dict.",
-        flag,
+        'bool | Literal["basic"]',
+        "Compute the diagnostics. False skips their passes over the data and returns an empty dict;\n"
+        "``'basic'`` computes only grad_mult_mean, grad_mult_max, kl_k1 and n_valid (and the off-policy\n"
+        "options' own diagnostics), a few reductions.",
+        _metrics_level,
     ),
 )
 
 _COMMON = {o.name: o for o in COMMON_OPTIONS}
+
+
+def _metrics_level_check(fn: str, name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if value != "basic":
+            raise TypeError(f"`{fn}`: `{name}` must be True, False or 'basic'; got {value!r}")
+        return value
+    return flag(fn, name, value)
 
 
 def check_common(fn: str, values: Mapping[str, Any]) -> dict[str, Any]:
