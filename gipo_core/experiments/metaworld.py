@@ -510,8 +510,9 @@ def summarize(runs: Sequence[dict[str, Any]], config: MetaWorldConfig, *, reps: 
             for o in config.objectives:
                 cell = sorted((r for r in runs if (r["task"], r["objective"], r["staleness"]) == (t, o, k)),
                               key=lambda r: r["seed"])
-                m, lo, hi = t_interval(np.array([r["train_success"] for r in cell]))
-                curves[(t, k)][o] = {"x": np.array(cell[0]["steps"], dtype=np.float64), "mean": m, "lo": lo, "hi": hi}
+                c_mean, c_lo, c_hi = t_interval(np.array([r["train_success"] for r in cell]))
+                curves[(t, k)][o] = {"x": np.array(cell[0]["steps"], dtype=np.float64), "mean": c_mean, "lo": c_lo,
+                                     "hi": c_hi}
     return {"table": table, "improvement": improvement, "curves": curves}
 
 

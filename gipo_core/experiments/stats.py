@@ -26,7 +26,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def _scores(x: np.ndarray, name: str, fn: str) -> np.ndarray:
     return a
 
 
-def iqm(scores: np.ndarray) -> np.floating:
+def iqm(scores: np.ndarray) -> float:
     """Interquartile mean of every run pooled over tasks: drop ``floor(n / 4)`` runs at each end, average.
 
     Parameters
@@ -51,10 +51,10 @@ def iqm(scores: np.ndarray) -> np.floating:
     """
     x = np.sort(_scores(scores, "scores", "iqm").reshape(-1))
     cut = x.size // 4
-    return x[cut: x.size - cut].mean()
+    return float(x[cut: x.size - cut].mean())
 
 
-def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.floating:
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     """``P(X > Y)``: per task the Mann-Whitney statistic over all run pairs (ties count 1/2), averaged over tasks.
 
     Parameters
@@ -68,11 +68,11 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.floating:
         raise ValueError(f"`probability_of_improvement`: `x` and `y` must have the same number of tasks; got "
                          f"{x.shape[0]} and {y.shape[0]}")
     diff = x[:, :, None] - y[:, None, :]
-    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(1, 2)).mean()
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean(axis=(1, 2)).mean())
 
 
 def stratified_bootstrap(
-    statistic: Callable[..., float],
+    statistic: Callable[..., Any],
     *score_sets: np.ndarray,
     reps: int = 2000,
     seed: int = 0,
@@ -97,7 +97,7 @@ def stratified_bootstrap(
 
 
 def interval_estimates(
-    statistic: Callable[..., float],
+    statistic: Callable[..., Any],
     *score_sets: np.ndarray,
     reps: int = 2000,
     confidence: float = 0.95,
