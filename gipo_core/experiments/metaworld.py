@@ -14,8 +14,10 @@ larger ``K`` is the stale regime. The compute per iteration does not depend on `
 
 The loss is the authors' (policy loss + 0.5 * 0.5 * value MSE - entropy_coef * entropy + kl_coef *
 KL(pi_old || pi_theta)), with the exact KL between the stored behaviour Gaussian and the current one.
-Observations are normalised by running statistics (updated from each fresh rollout) and rewards by a running
-standard deviation of the discounted return, both frozen into the stored data at collection time.
+Rewards are divided by a running standard deviation of the discounted return, fixed into the stored advantages
+at collection time. Observations are normalised by running statistics updated after each fresh rollout; the
+buffer keeps them raw and every update normalises them with the current statistics (the stored behaviour
+log-probabilities keep the normaliser of their time, which is part of the behaviour policy).
 
 Evaluation: after training, the deterministic policy (the Gaussian's mean) runs ``eval_episodes`` episodes of
 an MT1 environment built from a different seed, so its 50 goal and object configurations were never seen in
