@@ -42,7 +42,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["OBJECTIVES", "DemoConfig", "train_one", "run_demo", "summarize", "t_interval", "t_quantile_975", "DIAGNOSTICS"]
+__all__ = ["OBJECTIVES", "DemoConfig", "train_one", "run_demo", "summarize", "t_interval", "t_quantile_975", "DIAGNOSTICS",
+           "run_parallel", "validate_training_config", "write_tables"]
 
 #: Demo objective key -> (label, gipo_core.torch loss function name, options).
 OBJECTIVES: dict[str, tuple[str, str, dict]] = {
@@ -134,23 +135,34 @@ class DemoConfig:
 
     def validate(self) -> "DemoConfig":
         """Raise ValueError naming the field for anything out of range; return self."""
-        bad = [k for k in self.objectives if k not in OBJECTIVES]
-        if bad or not self.objectives:
-            raise ValueError(f"`DemoConfig`: `objectives` must be a non-empty subset of {list(OBJECTIVES)}; got {bad or []}")
-        if not self.staleness or any(not isinstance(k, int) or k < 1 for k in self.staleness):
-            raise ValueError(f"`DemoConfig`: `staleness` must be integers >= 1; got {self.staleness!r}")
-        for name in ("seeds", "iterations", "num_envs", "rollout_len", "updates_per_iteration", "minibatch", "hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`DemoConfig`: `{name}` must be an integer >= 1; got {value!r}")
-        for name in ("value_coef", "entropy_coef", "kl_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`DemoConfig`: `{name}` must be >= 0; got {getattr(self, name)!r}")
-        return self
+        return validate_training_config(self, ("seeds", "iterations", "num_envs", "rollout_len",
+                                               "updates_per_iteration", "minibatch", "hidden"))
 
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.rollout_len
+
+
+def validate_training_config(config: Any, positive_ints: Sequence[str]) -> Any:
+    """The checks every stale-replay config shares: ``objectives`` a non-empty subset of :data:`OBJECTIVES`,
+    ``staleness`` integers >= 1, each of ``positive_ints`` an integer >= 1, and the loss coefficients >= 0.
+
+    Raises ValueError naming the config class and the field; returns ``config``.
+    """
+    who = type(config).__name__
+    bad = [k for k in config.objectives if k not in OBJECTIVES]
+    if bad or not config.objectives:
+        raise ValueError(f"`{who}`: `objectives` must be a non-empty subset of {list(OBJECTIVES)}; got {bad or []}")
+    if not config.staleness or any(not isinstance(k, int) or k < 1 for k in config.staleness):
+        raise ValueError(f"`{who}`: `staleness` must be integers >= 1; got {config.staleness!r}")
+    for name in positive_ints:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{who}`: `{name}` must be an integer >= 1; got {value!r}")
+    for name in ("value_coef", "entropy_coef", "kl_coef"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"`{who}`: `{name}` must be >= 0; got {getattr(config, name)!r}")
+    return config
 
 
 def _loss_functions() -> Any:
@@ -465,19 +477,28 @@ def write_outputs(
         {labels[o]: summary["table"][o] for o in config.objectives}, list(config.staleness), paths["summary_figure"],
         title=f"{config.env_id}: final return and AUC by staleness ({config.seeds} seeds, 95% t-interval)",
     )
-    paths["table_markdown"] = os.path.join(out_dir, "results.md")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     how = f"`{command}`" if command else f"`gipo_core.experiments.demo.run_demo` ({config})"
+    paths.update(write_tables(
+        out_dir, "results", f"Generated {stamp} by {how}.\n\n" + table_markdown(summary, config), _table_csv(summary, config),
+        {"config": asdict(config), "objectives": {o: OBJECTIVES[o] for o in config.objectives},
+         "table": {o: {str(k): v for k, v in t.items()} for o, t in summary["table"].items()}, "runs": list(runs)},
+    ))
+    return paths
+
+
+def write_tables(out_dir: str, stem: str, markdown: str, csv_text: str, payload: dict[str, Any],
+                 *, json_stem: str | None = None, indent: int | None = None) -> dict[str, str]:
+    """Write ``<stem>.md``, ``<stem>.csv`` and ``<json_stem or stem>.json`` into ``out_dir``; return their paths
+    under the keys ``table_markdown``, ``table_csv`` and ``json``."""
+    paths = {"table_markdown": os.path.join(out_dir, f"{stem}.md"), "table_csv": os.path.join(out_dir, f"{stem}.csv"),
+             "json": os.path.join(out_dir, f"{json_stem or stem}.json")}
     with open(paths["table_markdown"], "w", encoding="utf-8") as f:
-        f.write(f"Generated {stamp} by {how}.\n\n" + table_markdown(summary, config) + "\n")
-    paths["table_csv"] = os.path.join(out_dir, "results.csv")
+        f.write(markdown + "\n")
     with open(paths["table_csv"], "w", encoding="utf-8", newline="") as f:
-        f.write(_table_csv(summary, config))
-    paths["json"] = os.path.join(out_dir, "results.json")
+        f.write(csv_text)
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"config": asdict(config), "objectives": {o: OBJECTIVES[o] for o in config.objectives},
-                   "table": {o: {str(k): v for k, v in t.items()} for o, t in summary["table"].items()},
-                   "runs": list(runs)}, f)
+        json.dump(payload, f, indent=indent)
     return paths
 
 
@@ -495,6 +516,53 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def run_parallel(
+    fn: Callable[..., Any],
+    tasks: Sequence[tuple],
+    workers: int,
+    *,
+    progress: bool = True,
+    desc: str = "gipo",
+    on_result: Callable[[Any], None] | None = None,
+) -> list[Any]:
+    """Call ``fn(*task)`` for every task, in ``workers`` spawned processes (one torch thread each).
+
+    Results are returned in completion order; ``on_result`` (if given) is called with each one as it arrives, in
+    the parent process (the place to save a finished run). ``workers`` 0 means one per usable CPU core; with one
+    worker everything runs in this process. A tqdm progress bar counts finished tasks when ``progress``.
+    """
+    workers = workers or _usable_cpus()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc=desc, unit="run", dynamic_ncols=True)
+    results: list[Any] = []
+
+    def done(result: Any) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        if bar is not None:
+            bar.update(1)
+
+    if workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            done(fn(*task))
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures = [pool.submit(fn, *task) for task in tasks]
+            for fut in as_completed(futures):
+                done(fut.result())
+    if bar is not None:
+        bar.close()
+    return results
+
+
 def run_demo(
     config: DemoConfig,
     out_dir: str,
@@ -508,33 +576,9 @@ def run_demo(
     Returns the runs and the paths written.
     """
     config.validate()
-    tasks = [(o, k, config.first_seed + s) for s in range(config.seeds) for k in config.staleness
+    tasks = [(o, k, config.first_seed + s, config) for s in range(config.seeds) for k in config.staleness
              for o in config.objectives]
-    workers = config.workers or _usable_cpus()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc="gipo demo", unit="run", dynamic_ncols=True)
-    runs: list[dict[str, Any]] = []
-    if workers == 1:
-        for task in tasks:
-            runs.append(train_one(*task, config))
-            if bar is not None:
-                bar.update(1)
-    else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
-                                 initializer=_worker_init) as pool:
-            futures = [pool.submit(train_one, *task, config) for task in tasks]
-            for fut in as_completed(futures):
-                runs.append(fut.result())
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
+    runs = run_parallel(train_one, tasks, config.workers, progress=progress, desc="gipo demo")
     runs.sort(key=lambda r: (config.objectives.index(r["objective"]), r["staleness"], r["seed"]))
     paths = write_outputs(runs, config, out_dir, command)
     return runs, paths

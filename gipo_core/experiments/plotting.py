@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["gridworld_figure", "learning_curves_figure", "diagnostics_figure", "summary_figure"]
+__all__ = ["gridworld_figure", "learning_curves_figure", "diagnostics_figure", "summary_figure",
+           "probability_of_improvement_figure"]
 
 
 def _pyplot() -> Any:
@@ -163,11 +164,17 @@ def diagnostics_figure(
 
 
 def summary_figure(
-    table: dict[str, dict[Any, dict[str, float]]], staleness: Sequence[Any], path: str, *, title: str
+    table: dict[str, dict[Any, dict[str, float]]],
+    staleness: Sequence[Any],
+    path: str,
+    *,
+    title: str,
+    ylabels: tuple[str, str] = ("final return (last 10% of training)", "mean return over training (AUC)"),
 ) -> None:
-    """Final return and area under the curve against staleness, per objective, with confidence intervals.
+    """Two bar panels ("final" and "auc" statistics) against staleness, per objective, with confidence intervals.
 
-    ``table[objective][K] = {"final_mean", "final_lo", "final_hi", "auc_mean", "auc_lo", "auc_hi"}``.
+    ``table[objective][K] = {"final_mean", "final_lo", "final_hi", "auc_mean", "auc_lo", "auc_hi"}``;
+    ``ylabels`` names the two panels' statistics.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.5))
@@ -181,13 +188,44 @@ def summary_figure(
             hi = np.array([cells[s][f"{key}_hi"] for s in staleness])
             ax.bar(pos + (k - (n - 1) / 2) * width, mean, width, color=color, label=name,
                    yerr=np.vstack([mean - lo, hi - mean]), capsize=2, error_kw={"lw": 0.8})
-    for ax, label in zip(axes, ("final return (last 10% of training)", "mean return over training (AUC)")):
+    for ax, label in zip(axes, ylabels):
         ax.set_xticks(pos)
         ax.set_xticklabels([f"K={s}" for s in staleness])
         ax.set_xlabel("replay buffer: last K policy versions")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7.5)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def probability_of_improvement_figure(
+    improvement: dict[tuple[str, str], dict[Any, dict[str, float]]], staleness: Sequence[Any], path: str, *, title: str
+) -> None:
+    """One panel per K: P(X > Y) with its interval, one row per (X, Y) pair, and the 0.5 line of no difference.
+
+    ``improvement[(x_label, y_label)][K] = {"p", "lo", "hi"}``.
+    """
+    plt = _pyplot()
+    pairs = list(improvement)
+    fig, axes = plt.subplots(1, len(staleness), figsize=(4.2 * len(staleness), 0.45 * len(pairs) + 1.4),
+                             squeeze=False, sharey=True)
+    xs = sorted({x for x, _ in pairs})
+    colors = dict(zip(xs, _colors(len(xs))))
+    pos = np.arange(len(pairs))[::-1]
+    for ax, k in zip(axes[0], staleness):
+        for y, (x_label, y_label) in zip(pos, pairs):
+            c = improvement[(x_label, y_label)][k]
+            ax.plot([c["lo"], c["hi"]], [y, y], color=colors[x_label], lw=5, alpha=0.45, solid_capstyle="butt")
+            ax.plot([c["p"]], [y], "|", color="black", ms=12, mew=1.5)
+        ax.axvline(0.5, color="gray", ls="--", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"K={k}", fontsize=9)
+        ax.set_xlabel("P(X > Y)", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(pos)
+    axes[0][0].set_yticklabels([f"{x} > {y}" for x, y in pairs], fontsize=7.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
