@@ -12,19 +12,22 @@ try:
 except ImportError:
     pass
 
-#: The array libraries the test command installs (README, .ci/run). With ``GIPO_REQUIRE_BACKENDS=1`` (set by
-#: .ci/run) a missing or broken one stops the run here, instead of its tests being skipped.
+#: The array libraries the main test environment installs (README's test command). ``GIPO_REQUIRE_BACKENDS=1``
+#: requires all of them, ``GIPO_REQUIRE_BACKENDS=numpy,torch`` (the verl environment) those named: a missing or
+#: broken one stops the run here, instead of its tests being skipped.
 REQUIRED = ("numpy", "array_api_strict", "torch", "jax", "tensorflow")
 
-if os.environ.get("GIPO_REQUIRE_BACKENDS") == "1":
+_required = os.environ.get("GIPO_REQUIRE_BACKENDS", "").strip()
+if _required and _required != "0":
+    names = REQUIRED if _required == "1" else tuple(n.strip() for n in _required.split(",") if n.strip())
     broken = []
-    for name in REQUIRED:
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any import failure counts
             broken.append(f"{name} ({type(exc).__name__}: {exc})")
     if broken:
         raise RuntimeError(
-            "GIPO_REQUIRE_BACKENDS=1: these backends cannot be imported, so their tests would be skipped: "
-            + "; ".join(broken)
+            f"GIPO_REQUIRE_BACKENDS={_required}: these backends cannot be imported, so their tests would be "
+            "skipped: " + "; ".join(broken)
         )
