@@ -241,7 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", default=",".join(L.IMPLS), help="comma-separated implementations")
     p.add_argument("--repeats", type=int, default=21, help="most timed rounds per (leg, size, dtype)")
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per (leg, size, dtype)")
-    p.add_argument("--json", default="benchmarks/report.json", help="where to write the JSON results")
+    p.add_argument("--json", default="gipo-out/benchmarks/report.json",
+                   help="where to write the JSON results (default: gipo-out/benchmarks/report.json; the report\n"
+                        "kept in the repository, benchmarks/report.json, changes only when named here)")
     p.add_argument("--markdown", default=None, help="also write the markdown table here")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per framework (OMP_NUM_THREADS, XLA and TF intra-op threads); default: theirs")

@@ -192,3 +192,12 @@ def test_target_scripts_run(script: str, args: list, framework: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
+
+
+def test_report_json_is_written_outside_the_source_tree_by_default():
+    spec = importlib.util.spec_from_file_location("gipo_bench_report_default", BENCH_DIR / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    default = Path(report.parse_args([]).json)
+    assert default.parts[0] == "gipo-out", default  # gitignored: a benchmark run leaves the checkout clean
+    assert not default.resolve().is_relative_to(BENCH_DIR.resolve())
