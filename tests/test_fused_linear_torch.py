@@ -313,7 +313,7 @@ def test_bad_arguments_raise_clear_errors():
         (ValueError, "`objective` must be one of", lambda: call(hidden, weight, ids, old, adv, objective="grpo")),
         (TypeError, "unexpected option\\(s\\) sigma for objective='sapo'",
          lambda: call(hidden, weight, ids, old, adv, objective="sapo", sigma=1.0)),
-        (ValueError, "`sigma` must be a finite number > 0", lambda: call(hidden, weight, ids, old, adv, sigma=0.0)),
+        (ValueError, "`sigma` must be a number in", lambda: call(hidden, weight, ids, old, adv, sigma=0.0)),
         (ValueError, "`temperature` must be a finite number > 0",
          lambda: call(hidden, weight, ids, old, adv, temperature=0)),
         (ValueError, "`chunk_size` must be None or an int >= 1",
