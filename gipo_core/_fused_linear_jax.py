@@ -142,7 +142,8 @@ def _fused_fwd(static, hidden, weight, bias, targets, *arrays):
         # Pass 1: log-probs only; the core on the whole batch; pass 2: the logits again, for the gradients.
         logp, entropy, *_ = _scan(static, h2, weight, bias, targets, None, grads=False)
         out, saved = _finish(static, logp, entropy, *arrays)
-        _, _, gh, gw, gb = _scan(static, h2, weight, bias, targets, None, True, saved.reshape(-1))
+        no_entropy = (static[0], False, static[2])  # the entropy came from pass 1
+        _, _, gh, gw, gb = _scan(no_entropy, h2, weight, bias, targets, None, True, saved.reshape(-1))
     else:
         core = _core_arrays(static, *arrays, _logp_dtype(hidden))
         logp, entropy, gh, gw, gb = _scan(static, h2, weight, bias, targets, core, grads=True)

@@ -137,15 +137,16 @@ def test_off_policy_options_match_unfused_in_float64(kwargs):
         kw = dict(bias=bias, rollout_logp=rollout, **kwargs)
 
         def fused(h, w):
-            out = gj.fused_linear_loss(h, w, ids, old, adv, mask, chunk_size=4, **kw)
-            return out.loss, out.metrics
+            out = gj.fused_linear_loss(h, w, ids, old, adv, mask, chunk_size=4, with_entropy=True, **kw)
+            return out.loss, (out.metrics, out.entropy)
 
         def ref(h, w):
-            out = unfused(h, w, ids, old, adv, mask, **kw)[0]
-            return out.loss, out.metrics
+            out, _, entropy = unfused(h, w, ids, old, adv, mask, **kw)
+            return out.loss, (out.metrics, entropy)
 
-        (loss, metrics), g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, weight)
-        (loss_r, metrics_r), g_r = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(hidden, weight)
+        (loss, (metrics, ent)), g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, weight)
+        (loss_r, (metrics_r, ent_r)), g_r = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(hidden, weight)
+        close(ent, ent_r, 1e-12)
         close(loss, loss_r, 1e-10)
         for a, b in zip(g, g_r):
             close(a, b, 1e-10)

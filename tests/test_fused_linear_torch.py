@@ -140,9 +140,13 @@ def test_off_policy_options_match_unfused_in_float64(kwargs):
     if kwargs.pop("negative_adv", False):  # sequences 0 and 2 (1 is empty) negative: opsm_delta can drop them
         adv = -adv.abs()
     h1, w1, b1 = leaves(hidden, weight, bias)
-    out = gt.fused_linear_loss(h1, w1, ids, old, adv, mask, bias=b1, chunk_size=4, rollout_logp=rollout, **kwargs)
+    out = gt.fused_linear_loss(
+        h1, w1, ids, old, adv, mask, bias=b1, chunk_size=4, rollout_logp=rollout, with_entropy=True, **kwargs
+    )
     h2, w2, b2 = leaves(hidden, weight, bias)
-    ref, _, _ = unfused(h2, w2, ids, old, adv, mask, bias=b2, rollout_logp=rollout, **kwargs)
+    ref, logp, entropy = unfused(h2, w2, ids, old, adv, mask, bias=b2, rollout_logp=rollout, **kwargs)
+    torch.testing.assert_close(out.logp, logp.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.entropy, entropy.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-10)
     for got, want in zip(grads(out.loss, (h1, w1, b1)), grads(ref.loss, (h2, w2, b2))):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
