@@ -38,6 +38,7 @@ __all__ = [
     "LossClass",
     "LossOutput",
     "call",
+    "check_call",
     "loss_signature",
     "make_api",
 ]
@@ -138,7 +139,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and getattr(value, "ndim", 0) == 0
 
 
-def call(
+def call(fn: str, backend: Backend, spec: LossSpec, *arrays: Any) -> LossOutput:
+    """Check the arrays of one call (types, shapes, dtypes, devices; never values) and run the backend.
+
+    ``arrays``: ``logp, old_logp, advantages, mask, denominator, behavior_weights, rollout_logp``, positional,
+    as :func:`check_call` takes them.
+    """
+    return backend.run(*check_call(fn, backend, spec, *arrays))
+
+
+def check_call(
     fn: str,
     backend: Backend,
     spec: LossSpec,
@@ -149,8 +159,8 @@ def call(
     denominator: Any = None,
     behavior_weights: Any = None,
     rollout_logp: Any = None,
-) -> LossOutput:
-    """Check the arrays of one call (types, shapes, dtypes, devices; never values) and run the backend."""
+) -> tuple[LossArrays, LossSpec, Any]:
+    """The checks of :func:`call`: ``(arrays, spec, xp)``, a number ``denominator`` moved into the spec."""
     named = (
         ("logp", logp),
         ("old_logp", old_logp),
@@ -207,8 +217,7 @@ def call(
             f"`{fn}`: `rollout_is={spec.rollout_is!r}` corrects with `rollout_logp`, which is None; pass the "
             "log-probs of the policy that generated the samples"
         )
-    arrays = LossArrays(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
-    return backend.run(arrays, spec, xp)
+    return LossArrays(logp, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp), spec, xp
 
 
 # ------------------------------------------------------------------------------------------ signatures

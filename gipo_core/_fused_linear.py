@@ -30,9 +30,10 @@ import dataclasses
 import numbers
 from typing import Any, NamedTuple
 
-from ._api import LossArrays, prepare
+from ._api import Backend, LossArrays, check_call
 from ._core.engine import LossSpec, forward
 from ._core.objectives import OBJECTIVES
+from ._core.signature import COMMON_OPTIONS, make_spec
 from ._lib import checks
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
     "check_fused_args",
     "aggregation_weight",
     "chunk_spec",
-    "objective_options",
+    "fused_spec",
+    "spec_keywords",
+    "two_pass",
     "resolve_chunk_size",
 ]
 
@@ -95,19 +98,39 @@ def resolve_chunk_size(fn: str, chunk_size: Any, n_tokens: int, vocab: int) -> i
     return int(chunk_size)
 
 
-def objective_options(fn: str, objective: Any, options: dict) -> dict:
-    """The objective's full option dict (defaults filled in); an unknown objective or option raises."""
+#: The common options a fused call takes as keywords next to the objective's (agg and with_metrics are named).
+OFF_POLICY_OPTIONS = tuple(o.name for o in COMMON_OPTIONS if o.name not in ("agg", "with_metrics"))
+
+
+def fused_spec(fn: str, objective: Any, options: dict, agg: Any, with_metrics: Any) -> LossSpec:
+    """The checked spec of a call: ``options`` holds the objective's options and any off-policy option
+    (``ratio_level``, ``rollout_is``, ``rollout_is_bounds``, ``opsm_delta``); anything else raises."""
     if not isinstance(objective, str) or objective not in OBJECTIVES:
         valid = ", ".join(repr(k) for k in OBJECTIVES)
         raise ValueError(f"`{fn}`: `objective` must be one of {valid}; got {objective!r}")
-    defaults = dict(OBJECTIVES[objective].defaults)
-    unknown = sorted(set(options) - set(defaults))
+    own = OBJECTIVES[objective].option_names
+    unknown = sorted(set(options) - set(own) - set(OFF_POLICY_OPTIONS))
     if unknown:
-        valid = ", ".join(defaults) or "none"
+        valid = ", ".join(own + OFF_POLICY_OPTIONS)
         raise TypeError(
             f"`{fn}`: unexpected option(s) {', '.join(unknown)} for objective={objective!r}; its options: {valid}"
         )
-    return {k: options.get(k, v) for k, v in defaults.items()}
+    common = {k: v for k, v in options.items() if k in OFF_POLICY_OPTIONS}
+    common.update(agg=agg, with_metrics=with_metrics)
+    return make_spec(fn, objective, {k: v for k, v in options.items() if k in own}, common)
+
+
+def spec_keywords(spec: LossSpec) -> dict:
+    """The objective's options and the off-policy options of ``spec``, as the keywords of a fused call."""
+    return {**dict(spec.options), **{k: getattr(spec, k) for k in OFF_POLICY_OPTIONS}}
+
+
+def two_pass(spec: LossSpec) -> bool:
+    """Whether a token's ``dloss/dlogp`` depends on other tokens' log-probabilities (sequence ratios, a
+    sequence or geometric rollout correction, off-policy sequence masking): then the log-probabilities of the
+    whole batch come first (pass 1) and the logits are computed again for the gradients (pass 2)."""
+    token_is = spec.rollout_is is None or spec.rollout_is.startswith("token-")
+    return spec.ratio_level != "token" or not token_is or spec.opsm_delta is not None
 
 
 def check_fused_args(
@@ -121,21 +144,20 @@ def check_fused_args(
     bias: Any,
     behavior_weights: Any,
     denominator: Any,
+    rollout_logp: Any,
     *,
-    objective: Any,
-    agg: Any,
-    with_metrics: Any,
+    spec: LossSpec,
     temperature: Any,
     chunk_size: Any,
-    options: dict,
+    backend: Backend,
     xp: Any,
 ) -> tuple[LossArrays, FusedArgs]:
     """Check every argument from shapes, dtypes and options; return the core's arrays and the static part.
 
-    The token shape is ``hidden.shape[:-1]``: ``target_ids``, ``old_logp``, ``mask`` and
-    ``behavior_weights`` have it, ``advantages`` has it or size 1 on the last axis.
+    The token shape is ``hidden.shape[:-1]``: ``target_ids``, ``old_logp``, ``mask``, ``behavior_weights``
+    and ``rollout_logp`` have it, ``advantages`` has it or size 1 on the last axis. ``spec`` comes from
+    :func:`fused_spec`; the arrays the core takes are checked by the API's own :func:`check_call`.
     """
-    options = objective_options(fn, objective, options)
     for name, value in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids), ("old_logp", old_logp)):
         if value is None:
             raise TypeError(f"`{fn}`: `{name}` is required; got None")
@@ -170,7 +192,8 @@ def check_fused_args(
         )
     if not xp.isdtype(target_ids.dtype, "integral"):
         raise TypeError(f"`{fn}`: `target_ids` must have an integer dtype; got {target_ids.dtype}")
-    for name, value in (("old_logp", old_logp), ("mask", mask), ("behavior_weights", behavior_weights)):
+    token_arrays = (("old_logp", old_logp), ("mask", mask), ("behavior_weights", behavior_weights))
+    for name, value in token_arrays + (("rollout_logp", rollout_logp),):
         if value is not None and checks.shape_of(value) != tokens:
             raise ValueError(
                 f"`{fn}`: `{name}` has shape {_fmt(checks.shape_of(value))} but `hidden` has token shape "
@@ -190,9 +213,9 @@ def check_fused_args(
     for name, value in (("weight", weight), ("target_ids", target_ids), ("bias", bias)):
         if value is not None:
             checks.check_same_device(fn, name, value, hidden)
-    # The core's own checks (dtypes, devices, options, agg, denominator), old_logp standing in for logp.
-    arrays, spec, _ = prepare(
-        fn, objective, old_logp, old_logp, advantages, mask, behavior_weights, denominator, agg, with_metrics, options
+    # The API's own checks (types, dtypes, devices, denominator), old_logp standing in for logp.
+    arrays, spec, _ = check_call(
+        fn, backend, spec, old_logp, old_logp, advantages, mask, denominator, behavior_weights, rollout_logp
     )
     n_tokens = 1
     for d in tokens:

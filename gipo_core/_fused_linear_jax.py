@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._api import METRIC_NAMES
 from ._core.engine import forward
-from ._fused_linear import FusedLinearOutput, aggregation_weight, check_fused_args, chunk_spec
+from ._fused_linear import FusedLinearOutput, aggregation_weight, check_fused_args, chunk_spec, fused_spec, two_pass
 from ._lib.namespace import array_namespace
 
 __all__ = ["FusedLinearOutput", "fused_linear_loss"]
@@ -39,9 +38,11 @@ def _padded(x: Any, n_chunks: int, chunk: int, fill: Any = 0) -> Any:
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
-def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool):
+def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool, saved_all=None):
     """``(logp, entropy, grad_hidden, grad_weight, grad_bias)`` over flat tokens; the gradients only when
-    ``grads`` (``core`` = chunked ``(old_logp, advantages, valid, weights)`` then)."""
+    ``grads``: then ``core`` = flat ``(old_logp, advantages, valid, weights, rollout_logp)`` for the chunks'
+    core calls, or, in the second pass of the two-pass mode, ``saved_all`` the core's ``dloss/dlogp`` of the
+    whole batch, flat."""
     args, with_entropy, xp = static
     n, dim = hidden.shape
     chunk = min(args.chunk_size, max(n, 1))
@@ -68,8 +69,11 @@ def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool):
         ent = log_total[:, 0] - jnp.sum(e * shifted, axis=1) / total[:, 0] if with_entropy else None
         if not grads:
             return carry, (lp, ent)
-        old, adv, valid, weights = xs[2]
-        _, saved, _ = forward(lp, old, adv, valid, weights, None, spec=spec, xp=xp)
+        if saved_all is not None:
+            saved = xs[2]
+        else:
+            old, adv, valid, weights, rollout = xs[2]
+            _, saved, _ = forward(lp, old, adv, valid, weights, None, rollout, spec=spec, xp=xp)
         coef = saved.astype(wd)[:, None] * (1.0 / temperature)
         onehot = jnp.arange(z.shape[1], dtype=t.dtype)[None, :] == t[:, None]
         g = (coef * (onehot.astype(wd) - e / total)).astype(hidden.dtype)
@@ -82,7 +86,10 @@ def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool):
 
     xs = [_padded(hidden, n_chunks, chunk), _padded(targets, n_chunks, chunk)]
     if grads:
-        xs.append(tuple(None if a is None else _padded(a, n_chunks, chunk) for a in core))
+        if saved_all is not None:
+            xs.append(_padded(saved_all, n_chunks, chunk))
+        else:
+            xs.append(tuple(None if a is None else _padded(a, n_chunks, chunk) for a in core))
         carry = (jnp.zeros(weight.shape, acc), None if bias is None else jnp.zeros(bias.shape, acc))
     else:
         carry = None
@@ -96,8 +103,8 @@ def _scan(static: tuple, hidden, weight, bias, targets, core, grads: bool):
     return logp, entropy, gh, gw.astype(weight.dtype), None if gb is None else gb.astype(bias.dtype)
 
 
-def _core_arrays(static: tuple, old_logp, advantages, mask, behavior_weights, denominator, dtype) -> tuple:
-    """``(old_logp, advantages, valid, weights)`` flat over tokens for the chunks' core calls."""
+def _core_arrays(static: tuple, old_logp, advantages, mask, behavior_weights, denominator, rollout, dtype) -> tuple:
+    """``(old_logp, advantages, valid, weights, rollout_logp)`` flat over tokens for the chunks' core calls."""
     args, _, xp = static
     like = jnp.zeros(old_logp.shape, dtype)
     weights = aggregation_weight(mask, like, args.spec, denominator, xp)
@@ -105,29 +112,42 @@ def _core_arrays(static: tuple, old_logp, advantages, mask, behavior_weights, de
         weights = weights * behavior_weights.astype(weights.dtype)
     valid = None if mask is None else (mask != 0).reshape(-1)
     adv = jnp.broadcast_to(advantages, old_logp.shape).reshape(-1)
-    return old_logp.reshape(-1), adv, valid, weights.reshape(-1)
+    rollout = None if rollout is None else rollout.reshape(-1)
+    return old_logp.reshape(-1), adv, valid, weights.reshape(-1), rollout
 
 
-def _finish(static: tuple, logp, entropy, old_logp, advantages, mask, behavior_weights, denominator):
+def _finish(static: tuple, logp, entropy, *arrays):
+    """``(loss, metrics, logp, entropy)`` token-shaped, and the core's ``dloss/dlogp``; ``arrays`` are the
+    core's from ``old_logp`` on."""
     args, _, xp = static
-    logp = logp.reshape(old_logp.shape)
-    loss, _, metrics = forward(logp, old_logp, advantages, mask, behavior_weights, denominator, spec=args.spec, xp=xp)
-    entropy = None if entropy is None else entropy.reshape(old_logp.shape)
-    return loss, metrics, logp, entropy
+    shape = arrays[0].shape
+    logp = logp.reshape(shape)
+    loss, saved, metrics = forward(logp, *arrays, spec=args.spec, xp=xp)
+    entropy = None if entropy is None else entropy.reshape(shape)
+    return (loss, metrics, logp, entropy), saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(static, hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator):
+def _fused(static, hidden, weight, bias, targets, *arrays):
     h2 = hidden.reshape(-1, hidden.shape[-1])
     logp, entropy, *_ = _scan(static, h2, weight, bias, targets.reshape(-1), None, grads=False)
-    return _finish(static, logp, entropy, old_logp, advantages, mask, behavior_weights, denominator)
+    return _finish(static, logp, entropy, *arrays)[0]
 
 
-def _fused_fwd(static, hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator):
+def _fused_fwd(static, hidden, weight, bias, targets, *arrays):
+    """``arrays``: ``(old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)``."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    core = _core_arrays(static, old_logp, advantages, mask, behavior_weights, denominator, _logp_dtype(hidden))
-    logp, entropy, gh, gw, gb = _scan(static, h2, weight, bias, targets.reshape(-1), core, grads=True)
-    out = _finish(static, logp, entropy, old_logp, advantages, mask, behavior_weights, denominator)
+    targets = targets.reshape(-1)
+    if two_pass(static[0].spec):
+        # Pass 1: log-probs only; the core on the whole batch; pass 2: the logits again, for the gradients.
+        logp, entropy, *_ = _scan(static, h2, weight, bias, targets, None, grads=False)
+        out, saved = _finish(static, logp, entropy, *arrays)
+        no_entropy = (static[0], False, static[2])  # the entropy came from pass 1
+        _, _, gh, gw, gb = _scan(no_entropy, h2, weight, bias, targets, None, True, saved.reshape(-1))
+    else:
+        core = _core_arrays(static, *arrays, _logp_dtype(hidden))
+        logp, entropy, gh, gw, gb = _scan(static, h2, weight, bias, targets, core, grads=True)
+        out = _finish(static, logp, entropy, *arrays)[0]
     return out, (gh.reshape(hidden.shape), gw, gb)
 
 
@@ -138,7 +158,7 @@ def _fused_bwd(static, residuals, cotangents):
     def scale(g):
         return None if g is None else (g * ct.astype(g.dtype)).astype(g.dtype)
 
-    return scale(gh), scale(gw), scale(gb), None, None, None, None, None, None
+    return scale(gh), scale(gw), scale(gb), None, None, None, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -163,7 +183,8 @@ def fused_linear_loss(
     agg: str = "token-mean",
     denominator: Any = None,
     behavior_weights: Any = None,
-    with_metrics: bool = True,
+    rollout_logp: Any = None,
+    with_metrics: bool | str = True,
     with_entropy: bool = False,
     **options: Any,
 ) -> FusedLinearOutput:
@@ -183,7 +204,7 @@ def fused_linear_loss(
         The output projection (as ``flax.linen.Dense``'s kernel transposed, or a tied embedding table).
     target_ids : integer array, shape (..., time)
         The sampled tokens, in ``[0, vocab)`` at valid positions; any value at masked positions.
-    old_logp, advantages, mask, agg, denominator, behavior_weights, with_metrics
+    old_logp, advantages, mask, agg, denominator, behavior_weights, rollout_logp, with_metrics
         As in the array-level losses.
     objective : {'gipo', 'ppo_clip', 'sapo', 'cispo', 'no_clip'}, default 'gipo'
         The objective; its options are passed as keywords.
@@ -196,7 +217,9 @@ def fused_linear_loss(
     with_entropy : bool, default False
         Also return each token's entropy from the same pass.
     **options
-        The objective's options.
+        The objective's options and the off-policy options (``ratio_level``, ``rollout_is``,
+        ``rollout_is_bounds``, ``opsm_delta``); the sequence-coupled ones take two passes over the logits, as
+        in :func:`gipo_core.torch.fused_linear_loss`.
 
     Returns
     -------
@@ -228,13 +251,19 @@ def fused_linear_loss(
     >>> gh.shape, gw.shape
     ((2, 5, 16), (100, 16))
     """
-    hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, denominator = (
+    hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, denominator, rollout_logp = (
         _to_jax(x)
-        for x in (hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, denominator)
+        for x in (
+            hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, denominator, rollout_logp
+        )
     )
     if not isinstance(with_entropy, bool):
         raise TypeError(f"`{_FN}`: `with_entropy` must be True or False; got {with_entropy!r}")
-    xp = array_namespace(hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, fn=_FN)
+    xp = array_namespace(
+        hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, rollout_logp, fn=_FN
+    )
+    from .jax import _BACKEND  # here: gipo_core.jax imports this module
+
     arrays, args = check_fused_args(
         _FN,
         hidden,
@@ -246,12 +275,11 @@ def fused_linear_loss(
         bias,
         behavior_weights,
         denominator,
-        objective=objective,
-        agg=agg,
-        with_metrics=with_metrics,
+        rollout_logp,
+        spec=fused_spec(_FN, objective, options, agg, with_metrics),
         temperature=temperature,
         chunk_size=chunk_size,
-        options=options,
+        backend=_BACKEND,
         xp=xp,
     )
     if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
@@ -259,6 +287,5 @@ def fused_linear_loss(
         target_ids = jnp.where((mask != 0) | in_range, target_ids, 0)
     static = (args, with_entropy, xp)
     loss, metrics, logp, entropy = _fused(static, hidden, weight, bias, target_ids, *arrays[1:])
-    metrics = {name: metrics[name] for name in METRIC_NAMES if name in metrics}
     return FusedLinearOutput(loss, metrics, logp, entropy)
 

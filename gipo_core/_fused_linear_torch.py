@@ -18,17 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import AGG_MODES, METRIC_NAMES, LossArrays, _check_options
-from ._core.engine import LossSpec, forward
+from ._api import LossArrays
+from ._core.engine import LossSpec, forward, metric_names
 from ._fused_linear import (
     FusedArgs,
     FusedLinearOutput,
     aggregation_weight,
     check_fused_args,
     chunk_spec,
-    objective_options,
+    fused_spec,
+    spec_keywords,
+    two_pass,
 )
-from ._lib import checks
 from ._torch_namespace import namespace as _xp
 
 __all__ = ["FusedLinearOutput", "fused_linear_loss", "FusedLinearLoss", "FusedLinearGIPOLoss"]
@@ -45,12 +46,14 @@ def _chunks(
     args: FusedArgs,
     with_entropy: bool,
     needs: tuple[bool, bool, bool],
+    saved_all: torch.Tensor | None = None,
 ) -> tuple[Any, ...]:
     """The chunk loop: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``, gradients None when not
-    needed (``core`` is None then).
+    needed (``core`` and ``saved_all`` are None then).
 
-    ``core`` = ``(old_logp, advantages, valid, weights)`` flat over tokens: the chunk's core call gets them
-    sliced, with ``weights`` the aggregation weight times any behaviour weights.
+    ``core`` = ``(old_logp, advantages, valid, weights, rollout_logp)`` flat over tokens: the chunk's core
+    call gets them sliced, with ``weights`` the aggregation weight times any behaviour weights. In the second
+    pass of the two-pass mode ``saved_all`` is the core's ``dloss/dlogp`` of the whole batch, flat, instead.
     """
     n, device = hidden.shape[0], hidden.device
     wd = _logp_dtype(hidden)
@@ -83,10 +86,13 @@ def _chunks(
             dot = torch.bmm(z.unsqueeze(1), shifted.unsqueeze(2)).reshape(-1, 1)
             entropy[start:stop] = (log_total - dot / total).squeeze(1)
             del shifted
-        if core is None:
+        if saved_all is not None:
+            saved = saved_all[start:stop]
+        elif core is not None:
+            old, adv, valid, weights, rollout = (None if a is None else a[start:stop] for a in core)
+            _, saved, _ = forward(logp[start:stop], old, adv, valid, weights, None, rollout, spec=spec, xp=_xp)
+        else:
             continue
-        old, adv, valid, weights = (None if a is None else a[start:stop] for a in core)
-        _, saved, _ = forward(logp[start:stop], old, adv, valid, weights, None, spec=spec, xp=_xp)
         coef = saved.to(wd)[:, None] * (1.0 / temperature)
         # dL/dz = coef * (onehot - softmax), built in place in the softmax's buffer.
         z.mul_(-coef / total)
@@ -108,7 +114,8 @@ def _logp_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _core_arrays(arrays: Any, args: FusedArgs, wd: torch.dtype) -> tuple[Any, ...]:
-    """``(old_logp, advantages, valid, weights)`` flattened over tokens for the chunks' core calls."""
+    """``(old_logp, advantages, valid, weights, rollout_logp)`` flattened over tokens for the chunks' core
+    calls."""
     shape = arrays.old_logp.shape
     like = torch.zeros(shape, dtype=wd, device=arrays.old_logp.device)
     weights = aggregation_weight(arrays.mask, like, args.spec, arrays.denominator, _xp)
@@ -116,14 +123,15 @@ def _core_arrays(arrays: Any, args: FusedArgs, wd: torch.dtype) -> tuple[Any, ..
         weights = weights * arrays.behavior_weights.to(wd)
     valid = None if arrays.mask is None else (arrays.mask != 0).reshape(-1)
     adv = arrays.advantages.expand(shape).reshape(-1)
-    return arrays.old_logp.reshape(-1), adv, valid, weights.reshape(-1)
+    rollout = None if arrays.rollout_logp is None else arrays.rollout_logp.reshape(-1)
+    return arrays.old_logp.reshape(-1), adv, valid, weights.reshape(-1), rollout
 
 
-def _loss_and_metrics(logp: torch.Tensor, arrays: Any, spec: LossSpec) -> tuple[Any, Any]:
-    """The array-level loss and diagnostics on the (token-shaped) log-probabilities."""
-    loss, _, metrics = forward(logp, *arrays[1:], spec=spec, xp=_xp)
-    stacked = torch.stack(list(metrics.values())) if spec.with_metrics else loss.new_zeros(0)
-    return loss, stacked
+def _loss_and_metrics(logp: torch.Tensor, arrays: Any, spec: LossSpec) -> tuple[Any, Any, Any]:
+    """The array-level loss, ``dloss/dlogp`` and stacked diagnostics on the (token-shaped) log-probabilities."""
+    loss, saved, metrics = forward(logp, *arrays[1:], spec=spec, xp=_xp)
+    stacked = torch.stack(list(metrics.values())) if metrics else loss.new_zeros(0)
+    return loss, saved, stacked
 
 
 def _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs) -> tuple[Any, ...]:
@@ -135,13 +143,21 @@ def _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs) -
     device = hidden.device.type
     region = torch.autocast(device_type=device, enabled=False) if device in _AUTOCAST else contextlib.nullcontext()
     with region:
-        core = _core_arrays(arrays, args, _logp_dtype(hidden)) if any(needs) else None
         h2 = hidden.reshape(-1, hidden.shape[-1])
         targets = targets.reshape(-1).long()
-        logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets, core, args, with_entropy, needs)
-        logp = logp.reshape(arrays.old_logp.shape)
-        entropy = None if entropy is None else entropy.reshape(arrays.old_logp.shape)
-        loss, stacked = _loss_and_metrics(logp, arrays, args.spec)
+        shape = arrays.old_logp.shape
+        if any(needs) and two_pass(args.spec):
+            # Pass 1: log-probs only; the core on the whole batch; pass 2: the logits again, for the gradients.
+            logp, entropy, *_ = _chunks(h2, weight, bias, targets, None, args, with_entropy, (False,) * 3)
+            logp = logp.reshape(shape)
+            loss, saved, stacked = _loss_and_metrics(logp, arrays, args.spec)
+            _, _, gh, gw, gb = _chunks(h2, weight, bias, targets, None, args, False, needs, saved.reshape(-1))
+        else:
+            core = _core_arrays(arrays, args, _logp_dtype(hidden)) if any(needs) else None
+            logp, entropy, gh, gw, gb = _chunks(h2, weight, bias, targets, core, args, with_entropy, needs)
+            logp = logp.reshape(shape)
+            loss, _, stacked = _loss_and_metrics(logp, arrays, args.spec)
+        entropy = None if entropy is None else entropy.reshape(shape)
     return loss, logp, entropy, stacked, gh, gw, gb
 
 
@@ -154,9 +170,11 @@ class _FusedLinear(torch.autograd.Function):
     outputs); all but ``loss`` are non-differentiable."""
 
     @staticmethod
-    def forward(hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator, static):
+    def forward(
+        hidden, weight, bias, targets, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp, static
+    ):
         args, with_entropy, needs = static
-        arrays = LossArrays(None, old_logp, advantages, mask, behavior_weights, denominator)
+        arrays = LossArrays(None, old_logp, advantages, mask, behavior_weights, denominator, rollout_logp)
         out = _compute(hidden, weight, bias, targets, arrays, args, with_entropy, needs)
         loss, logp, entropy, stacked, gh, gw, gb = out
         # Absent outputs are distinct empty tensors: one tensor returned twice confuses torch.compile.
@@ -177,7 +195,7 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):  # noqa: ARG004
         grads = [None, None, None]
         if grad_loss is None:
-            return (*grads, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None)
         eager = not torch.compiler.is_compiling()
         if eager:
             # Eagerly the gradients computed in the forward are scaled in place and handed over: no second
@@ -192,7 +210,7 @@ class _FusedLinear(torch.autograd.Function):
             if ctx.needs_input_grad[i] and saved.numel():
                 scale = grad_loss.to(saved.dtype)
                 grads[i] = saved.mul_(scale) if eager else saved * scale
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 _FusedLinear.forward.__signature__ = inspect.signature(_FusedLinear.forward)
@@ -213,7 +231,8 @@ def fused_linear_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
     behavior_weights: torch.Tensor | None = None,
-    with_metrics: bool = True,
+    rollout_logp: torch.Tensor | None = None,
+    with_metrics: bool | str = True,
     with_entropy: bool = False,
     **options: Any,
 ) -> FusedLinearOutput:
@@ -247,12 +266,17 @@ def fused_linear_loss(
         Sampling temperature: the logits are divided by it before the softmax (as the rollout engine did).
     chunk_size : int, optional
         Tokens per chunk. Default: 512, halved while a chunk's float32 logits exceed 256 MiB (down to 128).
-    agg, denominator, behavior_weights, with_metrics
-        As in the array-level losses.
+    agg, denominator, behavior_weights, rollout_logp, with_metrics
+        As in the array-level losses (``rollout_logp``: token shape).
     with_entropy : bool, default False
         Also return each token's entropy (detached), computed in the same pass over the vocabulary.
     **options
-        The objective's options, e.g. ``sigma=1.0`` for GIPO, ``clip_low=0.2, clip_high=0.28`` for PPO-clip.
+        The objective's options, e.g. ``sigma=1.0`` for GIPO, ``clip_low=0.2, clip_high=0.28`` for PPO-clip,
+        and the off-policy options of the array-level losses: ``ratio_level``, ``rollout_is``,
+        ``rollout_is_bounds``, ``opsm_delta``. ``ratio_level="sequence"``, a sequence or geometric
+        ``rollout_is`` and ``opsm_delta`` tie a token's gradient to its sequence's log-probabilities: the
+        logits are then computed twice (a first pass for every log-probability, a second for the gradients:
+        4 matmuls per chunk instead of 3).
 
     Returns
     -------
@@ -265,7 +289,7 @@ def fused_linear_loss(
     Matmuls run in the input dtype; the log-softmax, the objective and everything after in float32 (float64
     for float64 inputs). The gradient of ``weight`` and ``bias`` accumulates over chunks in their own dtype.
     The per-token ``dloss/dlogp`` of each chunk comes from the core with the whole batch's aggregation weight,
-    so every objective and aggregation mode is exact. Gradients are computed only for the inputs that require
+    so every objective, aggregation mode and off-policy option is exact. Gradients are computed only for the inputs that require
     them, and only when grad mode is on. Double backward raises a ``RuntimeError``.
 
     Raises
@@ -292,6 +316,8 @@ def fused_linear_loss(
             raise TypeError(f"`{_FN}`: `{name}` must be a torch.Tensor; got {type(value).__name__}")
     if not isinstance(with_entropy, bool):
         raise TypeError(f"`{_FN}`: `with_entropy` must be True or False; got {with_entropy!r}")
+    from .torch import _BACKEND  # here: gipo_core.torch imports this module
+
     arrays, args = check_fused_args(
         _FN,
         hidden,
@@ -303,12 +329,11 @@ def fused_linear_loss(
         bias,
         behavior_weights,
         denominator,
-        objective=objective,
-        agg=agg,
-        with_metrics=with_metrics,
+        rollout_logp,
+        spec=fused_spec(_FN, objective, options, agg, with_metrics),
         temperature=temperature,
         chunk_size=chunk_size,
-        options=options,
+        backend=_BACKEND,
         xp=_xp,
     )
     if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
@@ -328,7 +353,8 @@ def fused_linear_loss(
         with torch.no_grad():
             out = _compute(hidden, weight, bias, target_ids, arrays, args, with_entropy, needs)
             loss, logp, entropy, stacked = out[:4]
-    metrics = dict(zip(METRIC_NAMES, stacked.unbind(0))) if args.spec.with_metrics else {}
+    names = metric_names(args.spec, rollout_logp is not None)
+    metrics = dict(zip(names, stacked.unbind(0))) if names else {}
     return FusedLinearOutput(loss, metrics, logp, entropy if with_entropy else None)
 
 
@@ -345,12 +371,13 @@ class FusedLinearLoss(nn.Module):
         Tokens per chunk (default: see :func:`fused_linear_loss`).
     agg : str, default 'token-mean'
         Aggregation mode (verl's names).
-    with_metrics : bool, default True
-        Compute the diagnostics.
+    with_metrics : bool or 'basic', default True
+        Compute the diagnostics (as in the array-level losses).
     with_entropy : bool, default False
         Also return each token's entropy.
     **options
-        The objective's options (``sigma=...``, ``clip_low=...``), checked here.
+        The objective's options (``sigma=...``, ``clip_low=...``) and the off-policy options (``ratio_level``,
+        ``rollout_is``, ``rollout_is_bounds``, ``opsm_delta``), checked here.
 
     Examples
     --------
@@ -373,25 +400,23 @@ class FusedLinearLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: int | None = None,
         agg: str = "token-mean",
-        with_metrics: bool = True,
+        with_metrics: bool | str = True,
         with_entropy: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        self._options = _check_options(name, objective, objective_options(name, objective, options))
-        checks.check_choice(name, "agg", agg, AGG_MODES)
+        self._spec = fused_spec(type(self).__name__, objective, options, agg, with_metrics)
         self.objective = objective
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.agg = agg
-        self.with_metrics = with_metrics
+        self.agg = self._spec.agg
+        self.with_metrics = self._spec.with_metrics
         self.with_entropy = with_entropy
 
     @property
     def options(self) -> dict[str, Any]:
         """The objective's options (a copy)."""
-        return dict(self._options)
+        return dict(self._spec.options)
 
     def forward(
         self,
@@ -405,6 +430,7 @@ class FusedLinearLoss(nn.Module):
         bias: torch.Tensor | None = None,
         denominator: float | torch.Tensor | None = None,
         behavior_weights: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
     ) -> FusedLinearOutput:
         """``fused_linear_loss`` of these tensors with this module's objective and options."""
         return fused_linear_loss(
@@ -421,13 +447,14 @@ class FusedLinearLoss(nn.Module):
             agg=self.agg,
             denominator=denominator,
             behavior_weights=behavior_weights,
+            rollout_logp=rollout_logp,
             with_metrics=self.with_metrics,
             with_entropy=self.with_entropy,
-            **dict(self._options),
+            **spec_keywords(self._spec),
         )
 
     def extra_repr(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self._options)
+        opts = "".join(f", {k}={v!r}" for k, v in spec_keywords(self._spec).items())
         return f"objective={self.objective!r}{opts}, agg={self.agg!r}, temperature={self.temperature}"
 
 
@@ -452,8 +479,9 @@ class FusedLinearGIPOLoss(FusedLinearLoss):
         temperature: float = 1.0,
         chunk_size: int | None = None,
         agg: str = "token-mean",
-        with_metrics: bool = True,
+        with_metrics: bool | str = True,
         with_entropy: bool = False,
+        **off_policy: Any,
     ) -> None:
         super().__init__(
             "gipo",
@@ -465,4 +493,5 @@ class FusedLinearGIPOLoss(FusedLinearLoss):
             sigma=sigma,
             sigma_neg=sigma_neg,
             kernel=kernel,
+            **off_policy,
         )

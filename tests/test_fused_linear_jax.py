@@ -120,6 +120,41 @@ def test_options_match_unfused(kwargs):
             close(a, b, 1e-10)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rollout_is": "token-mask", "rollout_is_bounds": (0.8, 1.25), "agg": "token-sum"},
+        {"rollout_is": "sequence-truncate", "rollout_is_bounds": (0.0, 1.5)},
+        {"ratio_level": "sequence", "rollout_is": "geometric-mask", "rollout_is_bounds": (0.9, 1.1),
+         "opsm_delta": 0.0, "with_metrics": "basic"},
+    ],
+    ids=["token-mask", "sequence-truncate", "sequence-geometric-opsm"],
+)
+def test_off_policy_options_match_unfused_in_float64(kwargs):
+    with jax.enable_x64(True):
+        hidden, weight, bias, ids, old, adv, mask = data(seed=2)
+        rollout = old + 0.3 * np.random.default_rng(4).normal(size=old.shape)
+        kw = dict(bias=bias, rollout_logp=rollout, **kwargs)
+
+        def fused(h, w):
+            out = gj.fused_linear_loss(h, w, ids, old, adv, mask, chunk_size=4, with_entropy=True, **kw)
+            return out.loss, (out.metrics, out.entropy)
+
+        def ref(h, w):
+            out, _, entropy = unfused(h, w, ids, old, adv, mask, **kw)
+            return out.loss, (out.metrics, entropy)
+
+        (loss, (metrics, ent)), g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, weight)
+        (loss_r, (metrics_r, ent_r)), g_r = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(hidden, weight)
+        close(ent, ent_r, 1e-12)
+        close(loss, loss_r, 1e-10)
+        for a, b in zip(g, g_r):
+            close(a, b, 1e-10)
+        assert list(metrics) == list(metrics_r)
+        for name in metrics_r:
+            close(metrics[name], metrics_r[name], 1e-12)
+
+
 def test_low_precision_within_the_unfused_float32_tolerance():
     hidden, weight, _, ids, old, adv, mask = data(b=4, t=16, h=32, v=300, seed=4)
     old, adv = old.astype(np.float32), adv.astype(np.float32)
