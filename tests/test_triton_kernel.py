@@ -14,6 +14,7 @@ cover every objective, aggregation, mask kind and dtype without taking their pro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -105,8 +106,9 @@ def check(arrays, spec, *, block, exact_nan=False):
     torch.testing.assert_close(saved.cpu(), ref_saved, **tol)
     torch.testing.assert_close(loss.cpu(), ref_loss, **tol)
     if spec.with_metrics:
-        assert stacked.shape == (len(METRIC_NAMES),) and stacked.device == arrays[0].device
-        for name, got, want in zip(METRIC_NAMES, stacked.cpu(), ref_stacked):
+        names = engine.metric_names(spec, False)
+        assert stacked.shape == (len(names),) and stacked.device == arrays[0].device
+        for name, got, want in zip(names, stacked.cpu(), ref_stacked):
             torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
     else:
         assert stacked is None
@@ -122,8 +124,9 @@ OBJECTIVE_CASES = [
     ("ppo_clip", {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None}),
     ("ppo_clip", {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0}),
     ("sapo", {"tau_pos": 1.0, "tau_neg": 1.05}),
-    ("cispo", {"clip_max": 5.0}),
+    ("cispo", {"clip_max": 5.0, "clip_min": None}),
     ("no_clip", {}),
+    ("cispo", {"clip_max": 4.0, "clip_min": 0.6}),
 ]
 MASKS = ("none", "bool", "float")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,15 +137,15 @@ def _spec(objective, opts, **kw):
     return LossSpec(objective, options, **kw)
 
 
-# Twenty cases: every objective twice, every (aggregation, mask kind) pair (a new mode of the core too), every
-# dtype with every mask kind, per-sequence advantages, behaviour weights and diagnostics on and off spread over
-# them (each aggregation with and without per-sequence advantages).
+# Twenty-two cases: every objective option case twice, every (aggregation, mask kind) pair (a new mode of the
+# core too), every dtype with every mask kind, per-sequence advantages, behaviour weights and diagnostics (all,
+# "basic", none) spread over them (each aggregation with and without per-sequence advantages).
 CASES = [
     (
         *OBJECTIVE_CASES[k % len(OBJECTIVE_CASES)], AGG_MODES[k % len(AGG_MODES)], MASKS[k % 3], DTYPES[(k // 3) % 3],
-        (k // 4) % 2 == 1, (k // 2) % 3 != 2, k % 5 != 4,
+        (k // 4) % 2 == 1, (k // 2) % 3 != 2, (True, True, "basic", True, False)[k % 5 if k % 7 else 2],
     )  # fmt: skip
-    for k in range(20)
+    for k in range(22)
 ]
 
 
@@ -159,6 +162,24 @@ def test_case_coverage():
     assert {(c[3], c[4]) for c in CASES} == {(m, d) for m in MASKS for d in DTYPES}
     assert {c[0] for c in CASES} == set(OBJECTIVES)
     assert {(c[2], c[5]) for c in CASES} == {(a, p) for a in AGG_MODES for p in (False, True)}
+    assert {c[7] for c in CASES} == {True, False, "basic"}
+    assert {(c[0], c[1]["clip_min"] is None) for c in CASES if c[0] == "cispo"} == {("cispo", True), ("cispo", False)}
+
+
+@pytest.mark.parametrize("metrics", [True, "basic"])
+@pytest.mark.parametrize("where", ["logp", "advantages"])
+def test_a_nan_at_a_valid_element_makes_every_diagnostic_nan(where, metrics):
+    """The core's rule: a NaN log-ratio or advantage at an unmasked element gives NaN in every diagnostic but
+    n_valid (and in the loss); +inf and -inf log-ratios together count as a NaN."""
+    logp, old, adv, m, w = make_batch((3, 37), seed=2, mask="bool")
+    (logp if where == "logp" else adv)[1, 5], m[1, 5] = math.nan, True
+    spec = _spec(*OBJECTIVE_CASES[6], with_metrics=metrics)
+    _, _, stacked = check((logp, old, adv, m, w, None), spec, block=32, exact_nan=True)
+    assert stacked[:-1].isnan().all() and stacked[-1] == m.sum()
+    logp, old, adv, m, w = make_batch((3, 37), seed=2, mask="bool")
+    logp[0, 1], logp[2, 2], old[0, 1], old[2, 2], m[0, 1], m[2, 2] = math.inf, -math.inf, -1.0, -1.0, True, True
+    _, _, stacked = check((logp, old, adv, m, w, None), _spec(*OBJECTIVE_CASES[0]), block=32, exact_nan=True)
+    assert stacked[:-1].isnan().all()
 
 
 # On a GPU also sizes where every program loops over several blocks (more than fit on the GPU at once).
@@ -228,10 +249,17 @@ def test_what_it_does_not_cover_falls_back():
     assert "float64" in tk.supports((logp.double(), old, adv, m, None, None), spec)
     assert "empty" in tk.supports((logp[:0], old[:0], adv[:0], None, None, None), spec)
     assert "rollout_logp" in tk.supports((logp, old, adv, m, None, None, old), spec)
-    odd = LossSpec("gipo", spec.options + (("opsm_delta", 0.5),))
-    assert "off-policy" in tk.supports((logp, old, adv, m, None, None), odd)
-    neutral = LossSpec("gipo", spec.options + (("rollout_is", None),))
-    assert tk.supports((logp, old, adv, m, None, None), neutral) is None
+    assert tk.supports((logp, old, adv, m, None, None, None), spec) is None
+    for field, value in (("opsm_delta", 0.5), ("ratio_level", "sequence"), ("rollout_is", "sequence-mask")):
+        assert field in tk.supports((logp, old, adv, m, None, None), dataclasses.replace(spec, **{field: value}))
+    assert "options" in tk.supports((logp, old, adv, m, None, None), LossSpec("gipo", spec.options[:1]))
+    # Through the API: the off-policy options run the core, with their own diagnostics.
+    gt.set_fused("always")
+    args = [x.to(DEVICE) for x in (logp, old, adv, m)]
+    for kw in ({"rollout_logp": args[1] - 0.1}, {"ratio_level": "sequence"}, {"opsm_delta": 0.5}):
+        out = gt.gipo_loss(*args, **kw)
+        want = gt.gipo_loss(*[x.cpu() for x in args], **{k: getattr(v, "cpu", lambda v=v: v)() for k, v in kw.items()})
+        assert out.metrics.keys() == want.metrics.keys() and len(out.metrics) > len(METRIC_NAMES)
     # Through the API: float64 runs the core.
     gt.set_fused("auto")
     out = gt.gipo_loss(logp.double().to(DEVICE), old.double().to(DEVICE), adv.double().to(DEVICE), m.to(DEVICE))
@@ -243,7 +271,8 @@ def test_the_objectives_are_traced_from_the_core():
     for objective, opts in OBJECTIVE_CASES:
         options = _spec(objective, opts).options
         lines, constants = tk.element_code(objective, options, with_metrics=True)
-        assert [line.split(" = ")[0] for line in lines[-4:]] == ["loss_", "grad_", "mult_", "weight_"]
+        outputs = ["loss_", "grad_", "mult_", "weight_", "clip_", "clip_lower_"]
+        assert [line.split(" = ")[0] for line in lines[-6:]] == outputs
         assert all(isinstance(v, float) for v in constants.values())
     trace = tk._Trace()
     with pytest.raises(TypeError, match="branched on an array value"):
@@ -281,7 +310,7 @@ pointers = ("logp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "bw_ptr", "scale_ptr",
 variants = [
     ("gipo", (("sigma", 1.0), ("sigma_neg", 0.5), ("kernel", "gaussian")), "bf16", "i1", 1, True, 2, True),
     ("sapo", (("tau_pos", 1.0), ("tau_neg", 1.05)), "fp16", "fp32", 2, False, 1, True),
-    ("cispo", (("clip_max", 5.0),), "fp32", "fp16", 2, True, 0, False),
+    ("cispo", (("clip_max", 5.0), ("clip_min", 0.5)), "fp32", "fp16", 2, True, 0, False),
 ]
 for objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics in variants:
     main = tk._main_kernel(objective, options, metrics, False)[0]
