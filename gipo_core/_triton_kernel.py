@@ -137,15 +137,22 @@ def wants(logp: torch.Tensor, mode: str) -> bool:
 # ----------------------------------------------------------------------------------- what it covers
 
 #: The LossSpec fields the kernel reads, and for each of the others the one value it handles (off).
-_SPEC_FIELDS = ("objective", "options", "agg", "denominator", "with_metrics")
-_OFF = {"ratio_level": "token", "rollout_is": None, "rollout_is_bounds": None, "opsm_delta": None}
+_SPEC_FIELDS = ("objective", "options", "agg", "denominator", "with_metrics", "rollout_is", "rollout_is_bounds")
+_OFF = {"ratio_level": "token", "opsm_delta": None}
+#: The rollout corrections the kernel applies (one weight per element); the sequence ones fall back.
+ROLLOUT_MODES = (None, "token-truncate", "token-mask")
 
 
 def supports(arrays: tuple[Any, ...], spec: LossSpec) -> str | None:
     """``None`` if the kernel computes this call, else why the current path runs it."""
     logp, old_logp, advantages, mask, behavior_weights, denominator, *extra = arrays
-    if any(x is not None for x in extra):
-        return "rollout_logp (the off-policy options)"
+    rollout_logp = extra[0] if extra else None
+    if len(extra) > 1:
+        return f"{len(arrays)} array arguments"
+    if spec.rollout_is not in ROLLOUT_MODES:
+        return f"rollout_is={spec.rollout_is!r} (a sequence-level correction)"
+    if spec.rollout_is is not None and rollout_logp is None:
+        return "rollout_is without rollout_logp"
     for field in dataclasses.fields(spec):
         if field.name not in _SPEC_FIELDS and getattr(spec, field.name) != _OFF.get(field.name):
             return f"{field.name}={getattr(spec, field.name)!r} (the off-policy options)"
@@ -158,10 +165,10 @@ def supports(arrays: tuple[Any, ...], spec: LossSpec) -> str | None:
         return f"agg={spec.agg!r}"
     if spec.with_metrics not in (True, False, "basic"):
         return f"with_metrics={spec.with_metrics!r}"
-    tensors = [x for x in (logp, old_logp, advantages, mask, behavior_weights, denominator) if x is not None]
+    tensors = [x for x in (*arrays[:6], rollout_logp) if x is not None]
     if any(type(x) is not torch.Tensor for x in tensors):
         return "a tensor subclass"
-    if engine.work_dtype(_xp, logp, old_logp, advantages) != torch.float32:
+    if engine.work_dtype(_xp, logp, old_logp, advantages, rollout_logp) != torch.float32:
         return "float64 inputs (float64 work)"
     if logp.numel() == 0:
         return "an empty input"
@@ -312,13 +319,17 @@ class _Trace:
 
 
 def element_code(
-    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool
+    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, rollout: tuple[Any, Any] = (None, None)
 ) -> tuple[list[str], dict[str, float]]:
     """Triton lines computing ``loss_``, ``grad_``, ``mult_`` (and with metrics ``weight_`` and the PPO clip
     conditions ``clip_``, ``clip_lower_`` of the diagnostics) from ``ell``,
     ``adv`` and ``lp``, traced from the core's objective (see the module docstring), and the numbers they use
-    as kernel arguments ``c0, c1, ...`` (name -> value, computed in Python as the core computes them)."""
+    as kernel arguments ``c0, c1, ...`` (name -> value, computed in Python as the core computes them).
+
+    ``rollout``: ``(rollout_is, rollout_is_bounds)`` of a token mode, or ``(None, None)``; with a mode, also
+    ``roll_``, the correction factor of ``rr = old_logp - rollout_logp`` (the core's ``_rollout_correction``)."""
     obj = OBJECTIVES[objective]
+    spec = LossSpec(objective, options, rollout_is=rollout[0], rollout_is_bounds=rollout[1])
     trace = _Trace()
     ell, adv, lp = trace.input("ell"), trace.input("adv"), trace.input("lp")
     opts = dict(options)
@@ -326,7 +337,9 @@ def element_code(
     out = {"loss_": terms.loss, "grad_": terms.loss if terms.grad is None else terms.grad, "mult_": terms.mult}
     if with_metrics:
         out["weight_"] = obj.weight(ell, adv, opts, trace)
-        out["clip_"], out["clip_lower_"] = engine.ppo_clip_conditions(ell, adv, LossSpec(objective, options))
+        out["clip_"], out["clip_lower_"] = engine.ppo_clip_conditions(ell, adv, spec)
+    if spec.rollout_is is not None:
+        out["roll_"] = engine._rollout_correction(trace.input("rr"), None, None, spec, trace)[0]
     lines = list(trace.lines)
     for name, value in out.items():
         code = trace.code(value)
@@ -340,7 +353,7 @@ def element_code(
 
 _MAIN = '''
 def {name}(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, roll_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
     N, T, n_blocks, {constants}
     MASK_KIND: tl.constexpr, ADV_PER_ROW: tl.constexpr, HAS_BW: tl.constexpr, SCALE_KIND: tl.constexpr,
     WITH_METRICS: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK: tl.constexpr,
@@ -382,7 +395,8 @@ def {name}(
             offs = blk * BLOCK + tl.arange(0, BLOCK)  # int32: a cheaper division by T below
         inb = offs < N
         lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        ell = lp - tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ell = lp - old
         if ADV_PER_ROW or SCALE_KIND == 2:
             row = offs // T
         if ADV_PER_ROW:
@@ -400,6 +414,7 @@ def {name}(
         ell = tl.where(valid, ell, 0.0)
         adv = tl.where(valid, adv, 0.0)
         lp = tl.where(valid, lp, 0.0)
+{rollout}
 {element}
         if SCALE_KIND == 2:
             s = tl.load(scale_ptr + row, mask=inb, other=0.0).to(tl.float32)
@@ -409,6 +424,7 @@ def {name}(
             c = s
         if HAS_BW:
             c = c * tl.where(valid, tl.load(bw_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+{rollout_apply}
         tl.store(saved_ptr + offs, c * grad_, mask=inb)
         acc_loss += tl.where(inb, c * loss_, 0.0)
         acc_n += valid.to(tl.float32)
@@ -562,6 +578,8 @@ def _minimum(a, b):
 
 _files = itertools.count()
 
+_ROLLOUT_LOAD = " " * 8 + "rr = tl.where(valid, old - tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)"
+
 
 def _define(source: str, namespace: dict[str, Any], interpret: bool) -> dict[str, Any]:
     """Exec ``source`` (one or more top-level functions) with its text registered in ``linecache`` (Triton
@@ -609,23 +627,31 @@ def _runtime(interpret: bool) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=256)
 def _main_kernel(
-    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, interpret: bool
+    objective: str,
+    options: tuple[tuple[str, Any], ...],
+    with_metrics: bool,
+    interpret: bool,
+    rollout: tuple[Any, Any] = (None, None),
 ) -> tuple[Any, tuple[float, ...]]:
     """The main kernel of one option set and its number arguments. Option sets whose code differs only in
     numbers share one kernel (compiled by Triton on first launch, per dtype/flag combination)."""
-    lines, constants = element_code(objective, options, with_metrics)
+    lines, constants = element_code(objective, options, with_metrics, rollout)
     body = "\n".join(" " * 8 + line for line in lines)
-    return _kernel_from_source(objective, body, tuple(constants), interpret), tuple(constants.values())
+    kernel = _kernel_from_source(objective, body, tuple(constants), rollout[0] is not None, interpret)
+    return kernel, tuple(constants.values())
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_from_source(objective: str, body: str, constants: tuple[str, ...], interpret: bool) -> Any:
+def _kernel_from_source(objective: str, body: str, constants: tuple[str, ...], rollout: bool, interpret: bool) -> Any:
     name = f"_gipo_{objective}_{next(_files)}"
     source = _MAIN.format(
         name=name,
         element=body,
         constants="".join(f"{c}, " for c in constants),
         K=_K,
+        # The rollout correction (token modes): one more load; its factor multiplies the aggregation weight.
+        rollout=_ROLLOUT_LOAD if rollout else "",
+        rollout_apply=" " * 8 + "c = c * roll_" if rollout else "",
     )
     namespace = dict(_runtime(interpret))
     return _define(source, namespace, interpret)[name]
@@ -658,6 +684,8 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     odd sizes span several programs and loop steps).
     """
     logp, old_logp, advantages, mask, behavior_weights, denominator = arrays[:6]
+    rollout_logp = arrays[6] if len(arrays) > 6 else None
+    rollout = (spec.rollout_is, spec.rollout_is_bounds)
     interpret = logp.device.type == "cpu"
     block = block or BLOCK
     shape = logp.shape
@@ -665,18 +693,21 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     n_time = shape[-1]
     per_row = advantages.shape != shape
     kind, scale_value, scale_tensor = _scale(mask, logp, spec, denominator)
-    flat = [x.contiguous().reshape(-1) if x is not None else None for x in (logp, old_logp, advantages, mask)]
+    flat = [
+        x.contiguous().reshape(-1) if x is not None else None
+        for x in (logp, old_logp, advantages, mask, rollout_logp if spec.rollout_is is not None else None)
+    ]
     bw = behavior_weights.contiguous().reshape(-1) if behavior_weights is not None else None
     saved = torch.empty(shape, dtype=torch.float32, device=logp.device)
     n_blocks = -(-n // block)
     mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     with_metrics = bool(spec.with_metrics)
-    main, constants = _main_kernel(spec.objective, spec.options, with_metrics, interpret)
+    main, constants = _main_kernel(spec.objective, spec.options, with_metrics, interpret, rollout)
     finish = _runtime(interpret)["_gipo_finish"]
     dummy = flat[0]
     pointers = (
         flat[0], flat[1], flat[2], flat[3] if mask is not None else dummy, bw if bw is not None else dummy,
-        scale_tensor if scale_tensor is not None else dummy,
+        flat[4] if flat[4] is not None else dummy, scale_tensor if scale_tensor is not None else dummy,
     )  # fmt: skip
     flags = dict(
         MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=bw is not None, SCALE_KIND=kind,
@@ -702,7 +733,21 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     names = engine.metric_names(spec, False)
     if names != METRIC_NAMES:  # "basic": the kernel computes every diagnostic, the call returns its subset
         metrics = metrics[torch.tensor([METRIC_NAMES.index(k) for k in names], device=metrics.device)]
+    if rollout_logp is not None:
+        metrics = torch.cat([metrics, _rollout_metrics(old_logp, rollout_logp, mask, spec)])
     return loss, saved, metrics
+
+
+def _rollout_metrics(old_logp: Any, rollout_logp: Any, mask: Any, spec: LossSpec) -> torch.Tensor:
+    """The diagnostics of the rollout correction (``engine.ROLLOUT_METRIC_NAMES``), by the core's own
+    functions one torch op at a time (a few passes over two inputs; the kernel does the loss and gradient)."""
+    r = old_logp.to(torch.float32) - rollout_logp.to(torch.float32)
+    valid = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    if valid is not None:
+        r = torch.where(valid, r, 0.0)
+    correction = None if spec.rollout_is is None else engine._rollout_correction(r, valid, None, spec, _xp)
+    values = engine._rollout_diagnostics(r, correction, valid, r, spec, _xp)
+    return torch.stack([values[k] for k in engine.ROLLOUT_METRIC_NAMES])
 
 
 _resident: dict[tuple, int] = {}
@@ -738,7 +783,7 @@ def try_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]
         return None
     if _state["interpret"]:
         return forward(arrays, spec)
-    key = (spec.objective, spec.options, bool(spec.with_metrics))
+    key = (spec.objective, spec.options, bool(spec.with_metrics), spec.rollout_is, spec.rollout_is_bounds)
     if key in _state["warned"]:
         return None
     try:

@@ -106,7 +106,7 @@ def check(arrays, spec, *, block, exact_nan=False):
     torch.testing.assert_close(saved.cpu(), ref_saved, **tol)
     torch.testing.assert_close(loss.cpu(), ref_loss, **tol)
     if spec.with_metrics:
-        names = engine.metric_names(spec, False)
+        names = engine.metric_names(spec, len(arrays) > 6 and arrays[6] is not None)
         assert stacked.shape == (len(names),) and stacked.device == arrays[0].device
         for name, got, want in zip(names, stacked.cpu(), ref_stacked):
             torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
@@ -164,6 +164,30 @@ def test_case_coverage():
     assert {(c[2], c[5]) for c in CASES} == {(a, p) for a in AGG_MODES for p in (False, True)}
     assert {c[7] for c in CASES} == {True, False, "basic"}
     assert {(c[0], c[1]["clip_min"] is None) for c in CASES if c[0] == "cispo"} == {("cispo", True), ("cispo", False)}
+
+
+ROLLOUT_CASES = [
+    (None, None, "bool", torch.float32, True),
+    ("token-truncate", None, "float", torch.bfloat16, True),
+    ("token-truncate", (0.5, 1.5), "none", torch.float32, "basic"),
+    ("token-mask", None, "bool", torch.float16, True),
+    ("token-mask", (0.0, 3.0), "float", torch.float32, False),
+]
+
+
+@pytest.mark.parametrize(("mode", "bounds", "mask", "dtype", "metrics"), ROLLOUT_CASES)
+def test_token_rollout_corrections_equal_the_core(mode, bounds, mask, dtype, metrics):
+    """rollout_logp with a token-level correction: one more load, the core's clamp or mask of exp(old -
+    rollout) traced into the kernel; the rollout diagnostics by the core's own functions."""
+    logp, old, adv, m, w = make_batch((3, 37), seed=13, dtype=dtype, mask=mask)
+    g = torch.Generator().manual_seed(1)
+    rollout = old.double() + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    rollout.view(-1)[::9] -= 2.0  # weights e^2 and more: truncated or masked
+    if m is not None:
+        rollout[m == 0] = math.nan
+    spec = _spec(*OBJECTIVE_CASES[1], agg="seq-mean-token-mean", with_metrics=metrics, rollout_is=mode,
+                 rollout_is_bounds=bounds)  # fmt: skip
+    check((logp, old, adv, m, w, None, rollout.to(dtype)), spec, block=32)
 
 
 @pytest.mark.parametrize("metrics", [True, "basic"])
@@ -248,15 +272,20 @@ def test_what_it_does_not_cover_falls_back():
     assert tk.supports((logp, old, adv, m, None, None), spec) is None
     assert "float64" in tk.supports((logp.double(), old, adv, m, None, None), spec)
     assert "empty" in tk.supports((logp[:0], old[:0], adv[:0], None, None, None), spec)
-    assert "rollout_logp" in tk.supports((logp, old, adv, m, None, None, old), spec)
     assert tk.supports((logp, old, adv, m, None, None, None), spec) is None
+    assert tk.supports((logp, old, adv, m, None, None, old), spec) is None
+    sequence_is = dataclasses.replace(spec, rollout_is="sequence-truncate")
+    assert "sequence-level" in tk.supports((logp, old, adv, m, None, None, old), sequence_is)
+    assert "float64" in tk.supports((logp, old, adv, m, None, None, old.double()), spec)
     for field, value in (("opsm_delta", 0.5), ("ratio_level", "sequence"), ("rollout_is", "sequence-mask")):
         assert field in tk.supports((logp, old, adv, m, None, None), dataclasses.replace(spec, **{field: value}))
     assert "options" in tk.supports((logp, old, adv, m, None, None), LossSpec("gipo", spec.options[:1]))
     # Through the API: the off-policy options run the core, with their own diagnostics.
     gt.set_fused("always")
     args = [x.to(DEVICE) for x in (logp, old, adv, m)]
-    for kw in ({"rollout_logp": args[1] - 0.1}, {"ratio_level": "sequence"}, {"opsm_delta": 0.5}):
+    offpolicy = ({"rollout_logp": args[1] - 0.1, "rollout_is": "geometric-mask"}, {"ratio_level": "sequence"},
+                 {"opsm_delta": 0.5})  # fmt: skip
+    for kw in offpolicy:
         out = gt.gipo_loss(*args, **kw)
         want = gt.gipo_loss(*[x.cpu() for x in args], **{k: getattr(v, "cpu", lambda v=v: v)() for k, v in kw.items()})
         assert out.metrics.keys() == want.metrics.keys() and len(out.metrics) > len(METRIC_NAMES)
@@ -306,14 +335,15 @@ from triton.backends.compiler import GPUTarget
 from gipo_core import _triton_kernel as tk
 
 target = GPUTarget("cuda", 90, 32)
-pointers = ("logp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "bw_ptr", "scale_ptr", "saved_ptr", "part_ptr")
+pointers = ("logp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "bw_ptr", "roll_ptr", "scale_ptr", "saved_ptr", "part_ptr")
 variants = [
     ("gipo", (("sigma", 1.0), ("sigma_neg", 0.5), ("kernel", "gaussian")), "bf16", "i1", 1, True, 2, True),
     ("sapo", (("tau_pos", 1.0), ("tau_neg", 1.05)), "fp16", "fp32", 2, False, 1, True),
     ("cispo", (("clip_max", 5.0), ("clip_min", 0.5)), "fp32", "fp16", 2, True, 0, False),
 ]
-for objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics in variants:
-    main = tk._main_kernel(objective, options, metrics, False)[0]
+for k, (objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics) in enumerate(variants):
+    rollout = [(None, None), ("token-truncate", None), ("token-mask", (0.5, 2.0))][k]
+    main = tk._main_kernel(objective, options, metrics, False, rollout)[0]
     flags = dict(MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=True, SCALE_KIND=scale_kind,
                  WITH_METRICS=metrics, OFFSETS_64=per_row, BLOCK=tk.BLOCK)
     signature = {name: "*fp32" for name in pointers}
