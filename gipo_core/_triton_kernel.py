@@ -1,9 +1,9 @@
 """The core's forward as one hand-written Triton kernel: each input byte read once, on CUDA.
 
-One pass reads ``logp``, ``old_logp``, ``advantages``, ``mask`` and ``behavior_weights``, writes ``saved``
-(``dloss/dlogp`` for an upstream gradient of 1) and per-program partial sums of the loss and of every
-diagnostic; a second, one-program kernel finishes the sums into the loss and the 16 diagnostics in
-``METRIC_NAMES`` order. Backward stays the core's one multiply.
+One pass reads ``logp``, ``old_logp``, ``advantages``, ``mask``, ``behavior_weights`` (and ``rollout_logp`` for
+a token-level rollout correction), writes ``saved`` (``dloss/dlogp`` for an upstream gradient of 1) and
+per-program partial sums of the loss and of every diagnostic; a second, one-program kernel finishes the sums
+into the loss and the diagnostics of ``METRIC_NAMES`` in order. Backward stays the core's one multiply.
 
 The math is not written here a third time:
 
@@ -16,16 +16,22 @@ The math is not written here a third time:
 - The aggregation scale (``1 / N_tok``, ``1 / N_seq``, per-sequence ``1 / (n_i N_seq)``, ``1 / T``, or the
   caller's ``denominator``) is the core's ``_coefficient`` itself, run on the mask before the kernel (it
   reads only the mask: one extra read of the mask where the count depends on it, none otherwise).
-- The diagnostics are the sums, minima and maxima that ``engine.diagnostics`` takes, accumulated per lane;
+- The diagnostics are the sums, minima and maxima that ``engine.diagnostics`` takes, accumulated per lane
+  (the PPO clip conditions traced from ``engine.ppo_clip_conditions``, the NaN rule from the sums of the
+  log-ratio and of the advantage);
   the effective sample size keeps the core's overflow-safe scaling by the largest multiplier as a running
   rescale (``ess_*`` columns), and infinite multipliers count as in the core.
 
 What it covers: every objective and option of the core (GIPO with ``sigma_neg`` and its three kernels,
-PPO-clip with dual clip and the inclusive tie rule, SAPO, CISPO, No-Clip), every aggregation mode, no mask,
-bool and floating masks, ``behavior_weights``, a number or 0-d tensor ``denominator``, float16, bfloat16
+PPO-clip with dual clip and the inclusive tie rule, SAPO, CISPO with ``clip_min``, No-Clip), every aggregation
+mode, no mask, bool and floating masks, ``behavior_weights``, a number or 0-d tensor ``denominator``,
+``rollout_logp`` with no correction or a token-level one (``rollout_is`` "token-truncate", "token-mask": the
+core's ``_rollout_correction`` traced like the objectives; the rollout diagnostics come from the core's
+functions op by op), ``with_metrics`` True, "basic" (a subset of the same values) or False, float16, bfloat16
 and float32 inputs (float32 work). What it does not cover runs the current path (``supports`` gives the
-reason): float64 inputs (float64 work), empty inputs, and any option the core gains beyond these
-(the off-policy options ``rollout_logp``, ``ratio_level="sequence"``, ``rollout_is``, ``opsm_delta``).
+reason): float64 inputs (float64 work), empty inputs, the sequence-level off-policy options
+(``ratio_level="sequence"``, the sequence and geometric ``rollout_is`` modes, ``opsm_delta``) and any option the
+core gains beyond these.
 
 On CUDA the functions use libdevice's exp, log, expm1 and log1p (within an ulp or two of torch's); in
 Triton's CPU interpreter, which has no libdevice, the same kernel uses ``tl.exp``/``tl.log`` and exact
