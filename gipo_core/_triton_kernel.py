@@ -738,10 +738,16 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
         return loss, saved, None
     names = engine.metric_names(spec, False)
     if names != METRIC_NAMES:  # "basic": the kernel computes every diagnostic, the call returns its subset
-        metrics = metrics[torch.tensor([METRIC_NAMES.index(k) for k in names], device=metrics.device)]
+        metrics = metrics[_subset(names, metrics.device)]
     if rollout_logp is not None:
         metrics = torch.cat([metrics, _rollout_metrics(old_logp, rollout_logp, mask, spec)])
     return loss, saved, metrics
+
+
+@functools.lru_cache(maxsize=16)
+def _subset(names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The positions of ``names`` in ``METRIC_NAMES``, as an index tensor on ``device`` (made once)."""
+    return torch.tensor([METRIC_NAMES.index(k) for k in names], device=device)
 
 
 def _rollout_metrics(old_logp: Any, rollout_logp: Any, mask: Any, spec: LossSpec) -> torch.Tensor:

@@ -266,6 +266,30 @@ def test_the_public_api_takes_the_kernel_and_set_fused_never_turns_it_off(monkey
         torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=2e-5, atol=1e-6)
 
 
+def test_the_public_api_takes_the_kernel_with_a_token_rollout_correction(monkeypatch):
+    calls = []
+    real = tk.forward
+    monkeypatch.setattr(tk, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logp, old, adv, m, _ = make_batch((2, 40), seed=17, mask="bool")
+    rollout = torch.where(m, old - 0.5 * torch.rand(old.shape, generator=torch.Generator().manual_seed(2)), math.nan)
+    args = [x.to(DEVICE) for x in (logp, old, adv, m, rollout)]
+    kw = dict(rollout_logp=args[4], rollout_is="token-mask", rollout_is_bounds=(0.7, 1.4), with_metrics="basic")
+    results = []
+    for mode in ("always", "never"):
+        gt.set_fused(mode)
+        x = args[0].clone().requires_grad_(True)
+        out = gt.ppo_clip_loss(x, *args[1:4], dual_clip=3.0, **kw)
+        results.append((out, *torch.autograd.grad(out.loss, x)))
+    assert len(calls) == 1
+    (out, grad), (ref, ref_grad) = results
+    assert list(out.metrics) == list(ref.metrics) and "rollout_masked_token_frac" in out.metrics
+    assert ref.metrics["rollout_masked_token_frac"] > 0
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-6)
+    for key in ref.metrics:
+        torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=2e-5, atol=1e-6)
+
+
 def test_what_it_does_not_cover_falls_back():
     logp, old, adv, m, _ = make_batch((2, 9))
     spec = _spec(*OBJECTIVE_CASES[0])
