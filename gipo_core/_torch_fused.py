@@ -18,7 +18,7 @@ When it is used (``mode``, set by :func:`gipo_core.torch.set_fused`):
 CUDA tensors go first to the hand-written Triton kernel (``gipo_core._triton_kernel``, imported only then)
 when ``triton`` is installed and the mode is ``"always"`` (or ``"auto"`` once
 ``_triton_kernel.DEFAULT_ON_CUDA`` is switched on after a GPU check); what it does not cover (float64, the
-off-policy options) goes on to the rules above. ``"never"`` turns both kernels off.
+sequence-level off-policy options) goes on to the rules above. ``"never"`` turns both kernels off.
 
 The starting mode comes from the environment variable ``GIPO_TORCH_FUSED`` (``auto`` if unset).
 

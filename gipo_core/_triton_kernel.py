@@ -1,9 +1,9 @@
 """The core's forward as one hand-written Triton kernel: each input byte read once, on CUDA.
 
-One pass reads ``logp``, ``old_logp``, ``advantages``, ``mask`` and ``behavior_weights``, writes ``saved``
-(``dloss/dlogp`` for an upstream gradient of 1) and per-program partial sums of the loss and of every
-diagnostic; a second, one-program kernel finishes the sums into the loss and the 16 diagnostics in
-``METRIC_NAMES`` order. Backward stays the core's one multiply.
+One pass reads ``logp``, ``old_logp``, ``advantages``, ``mask``, ``behavior_weights`` (and ``rollout_logp`` for
+a token-level rollout correction), writes ``saved`` (``dloss/dlogp`` for an upstream gradient of 1) and
+per-program partial sums of the loss and of every diagnostic; a second, one-program kernel finishes the sums
+into the loss and the diagnostics of ``METRIC_NAMES`` in order. Backward stays the core's one multiply.
 
 The math is not written here a third time:
 
@@ -16,16 +16,22 @@ The math is not written here a third time:
 - The aggregation scale (``1 / N_tok``, ``1 / N_seq``, per-sequence ``1 / (n_i N_seq)``, ``1 / T``, or the
   caller's ``denominator``) is the core's ``_coefficient`` itself, run on the mask before the kernel (it
   reads only the mask: one extra read of the mask where the count depends on it, none otherwise).
-- The diagnostics are the sums, minima and maxima that ``engine.diagnostics`` takes, accumulated per lane;
+- The diagnostics are the sums, minima and maxima that ``engine.diagnostics`` takes, accumulated per lane
+  (the PPO clip conditions traced from ``engine.ppo_clip_conditions``, the NaN rule from the sums of the
+  log-ratio and of the advantage);
   the effective sample size keeps the core's overflow-safe scaling by the largest multiplier as a running
   rescale (``ess_*`` columns), and infinite multipliers count as in the core.
 
 What it covers: every objective and option of the core (GIPO with ``sigma_neg`` and its three kernels,
-PPO-clip with dual clip and the inclusive tie rule, SAPO, CISPO, No-Clip), every aggregation mode, no mask,
-bool and floating masks, ``behavior_weights``, a number or 0-d tensor ``denominator``, float16, bfloat16
+PPO-clip with dual clip and the inclusive tie rule, SAPO, CISPO with ``clip_min``, No-Clip), every aggregation
+mode, no mask, bool and floating masks, ``behavior_weights``, a number or 0-d tensor ``denominator``,
+``rollout_logp`` with no correction or a token-level one (``rollout_is`` "token-truncate", "token-mask": the
+core's ``_rollout_correction`` traced like the objectives; the rollout diagnostics come from the core's
+functions op by op), ``with_metrics`` True, "basic" (a subset of the same values) or False, float16, bfloat16
 and float32 inputs (float32 work). What it does not cover runs the current path (``supports`` gives the
-reason): float64 inputs (float64 work), empty inputs, and any option the core gains beyond these
-(the off-policy options ``rollout_logp``, ``ratio_level="sequence"``, ``rollout_is``, ``opsm_delta``).
+reason): float64 inputs (float64 work), empty inputs, the sequence-level off-policy options
+(``ratio_level="sequence"``, the sequence and geometric ``rollout_is`` modes, ``opsm_delta``) and any option the
+core gains beyond these.
 
 On CUDA the functions use libdevice's exp, log, expm1 and log1p (within an ulp or two of torch's); in
 Triton's CPU interpreter, which has no libdevice, the same kernel uses ``tl.exp``/``tl.log`` and exact
@@ -46,7 +52,7 @@ from typing import Any, Callable
 import torch
 
 from ._core import engine
-from ._core.engine import DIAGNOSTIC_PPO_EPS, METRIC_NAMES, LossSpec
+from ._core.engine import METRIC_NAMES, LossSpec
 from ._core.objectives import OBJECTIVES
 from ._torch_namespace import namespace as _xp
 
@@ -86,6 +92,8 @@ PARTIALS = (
     "sum_neg_log_ratio",
     "sum_k3",
     "n_ppo_clip",
+    "n_ppo_clip_lower",
+    "sum_adv",  # with sum_k1: a NaN input at a valid element (the core's rule: every diagnostic NaN)
 )
 _K = len(PARTIALS)
 
@@ -134,39 +142,45 @@ def wants(logp: torch.Tensor, mode: str) -> bool:
 
 # ----------------------------------------------------------------------------------- what it covers
 
-# Options the engine (not an objective) may grow, and the value that means "off": any other value falls back.
-_NEUTRAL = (None, "token")
+#: The LossSpec fields the kernel reads, and for each of the others the one value it handles (off).
+_SPEC_FIELDS = ("objective", "options", "agg", "denominator", "with_metrics", "rollout_is", "rollout_is_bounds")
+_OFF = {"ratio_level": "token", "opsm_delta": None}
+#: The rollout corrections the kernel applies (one weight per element); the sequence ones fall back.
+ROLLOUT_MODES = (None, "token-truncate", "token-mask")
 
 
 def supports(arrays: tuple[Any, ...], spec: LossSpec) -> str | None:
     """``None`` if the kernel computes this call, else why the current path runs it."""
     logp, old_logp, advantages, mask, behavior_weights, denominator, *extra = arrays
-    if any(x is not None for x in extra):
-        return "an array argument the kernel does not read (rollout_logp)"
-    unknown = [f.name for f in dataclasses.fields(spec) if f.name not in _SPEC_FIELDS]
-    if any(getattr(spec, name) not in _NEUTRAL for name in unknown):
-        return f"LossSpec fields {unknown} (the off-policy options)"
+    rollout_logp = extra[0] if extra else None
+    if len(extra) > 1:
+        return f"{len(arrays)} array arguments"
+    if spec.rollout_is not in ROLLOUT_MODES:
+        return f"rollout_is={spec.rollout_is!r} (a sequence-level correction)"
+    if spec.rollout_is is not None and rollout_logp is None:
+        return "rollout_is without rollout_logp"
+    for field in dataclasses.fields(spec):
+        if field.name not in _SPEC_FIELDS and getattr(spec, field.name) != _OFF.get(field.name):
+            return f"{field.name}={getattr(spec, field.name)!r} (the off-policy options)"
     objective = OBJECTIVES.get(spec.objective)
     if objective is None:
         return f"objective {spec.objective!r}"
-    for key, value in spec.options:
-        if key not in objective.option_names and value not in _NEUTRAL:
-            return f"option {key}={value!r} (the off-policy options)"
+    if tuple(key for key, _ in spec.options) != objective.option_names:
+        return f"options {[key for key, _ in spec.options]} (the objective has {list(objective.option_names)})"
     if spec.agg not in engine.AGG_MODES:
         return f"agg={spec.agg!r}"
-    tensors = [x for x in (logp, old_logp, advantages, mask, behavior_weights, denominator) if x is not None]
+    if spec.with_metrics not in (True, False, "basic"):
+        return f"with_metrics={spec.with_metrics!r}"
+    tensors = [x for x in (*arrays[:6], rollout_logp) if x is not None]
     if any(type(x) is not torch.Tensor for x in tensors):
         return "a tensor subclass"
-    if engine.work_dtype(_xp, logp, old_logp, advantages) != torch.float32:
+    if engine.work_dtype(_xp, logp, old_logp, advantages, rollout_logp) != torch.float32:
         return "float64 inputs (float64 work)"
     if logp.numel() == 0:
         return "an empty input"
     if logp.numel() >= 2**62:
         return "more than 2^62 elements"
     return None
-
-
-_SPEC_FIELDS = ("objective", "options", "agg", "denominator", "with_metrics")
 
 
 # ------------------------------------------------------------------------- the objectives, traced
@@ -311,12 +325,17 @@ class _Trace:
 
 
 def element_code(
-    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool
+    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, rollout: tuple[Any, Any] = (None, None)
 ) -> tuple[list[str], dict[str, float]]:
-    """Triton lines computing ``loss_``, ``grad_``, ``mult_`` (and ``weight_`` with metrics) from ``ell``,
+    """Triton lines computing ``loss_``, ``grad_``, ``mult_`` (and with metrics ``weight_`` and the PPO clip
+    conditions ``clip_``, ``clip_lower_`` of the diagnostics) from ``ell``,
     ``adv`` and ``lp``, traced from the core's objective (see the module docstring), and the numbers they use
-    as kernel arguments ``c0, c1, ...`` (name -> value, computed in Python as the core computes them)."""
+    as kernel arguments ``c0, c1, ...`` (name -> value, computed in Python as the core computes them).
+
+    ``rollout``: ``(rollout_is, rollout_is_bounds)`` of a token mode, or ``(None, None)``; with a mode, also
+    ``roll_``, the correction factor of ``rr = old_logp - rollout_logp`` (the core's ``_rollout_correction``)."""
     obj = OBJECTIVES[objective]
+    spec = LossSpec(objective, options, rollout_is=rollout[0], rollout_is_bounds=rollout[1])
     trace = _Trace()
     ell, adv, lp = trace.input("ell"), trace.input("adv"), trace.input("lp")
     opts = dict(options)
@@ -324,6 +343,9 @@ def element_code(
     out = {"loss_": terms.loss, "grad_": terms.loss if terms.grad is None else terms.grad, "mult_": terms.mult}
     if with_metrics:
         out["weight_"] = obj.weight(ell, adv, opts, trace)
+        out["clip_"], out["clip_lower_"] = engine.ppo_clip_conditions(ell, adv, spec)
+    if spec.rollout_is is not None:
+        out["roll_"] = engine._rollout_correction(trace.input("rr"), None, None, spec, trace)[0]
     lines = list(trace.lines)
     for name, value in out.items():
         code = trace.code(value)
@@ -337,7 +359,7 @@ def element_code(
 
 _MAIN = '''
 def {name}(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, bw_ptr, roll_ptr, scale_ptr, scale_value, saved_ptr, part_ptr,
     N, T, n_blocks, {constants}
     MASK_KIND: tl.constexpr, ADV_PER_ROW: tl.constexpr, HAS_BW: tl.constexpr, SCALE_KIND: tl.constexpr,
     WITH_METRICS: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK: tl.constexpr,
@@ -366,6 +388,8 @@ def {name}(
     acc_k1 = tl.full([BLOCK], 0.0, tl.float32)
     acc_k3 = tl.full([BLOCK], 0.0, tl.float32)
     acc_clip = tl.full([BLOCK], 0.0, tl.float32)
+    acc_clip_lo = tl.full([BLOCK], 0.0, tl.float32)
+    acc_adv = tl.full([BLOCK], 0.0, tl.float32)
     if SCALE_KIND == 0:
         s = scale_value
     elif SCALE_KIND == 1:
@@ -377,7 +401,8 @@ def {name}(
             offs = blk * BLOCK + tl.arange(0, BLOCK)  # int32: a cheaper division by T below
         inb = offs < N
         lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        ell = lp - tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ell = lp - old
         if ADV_PER_ROW or SCALE_KIND == 2:
             row = offs // T
         if ADV_PER_ROW:
@@ -395,6 +420,7 @@ def {name}(
         ell = tl.where(valid, ell, 0.0)
         adv = tl.where(valid, adv, 0.0)
         lp = tl.where(valid, lp, 0.0)
+{rollout}
 {element}
         if SCALE_KIND == 2:
             s = tl.load(scale_ptr + row, mask=inb, other=0.0).to(tl.float32)
@@ -404,6 +430,7 @@ def {name}(
             c = s
         if HAS_BW:
             c = c * tl.where(valid, tl.load(bw_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+{rollout_apply}
         tl.store(saved_ptr + offs, c * grad_, mask=inb)
         acc_loss += tl.where(inb, c * loss_, 0.0)
         acc_n += valid.to(tl.float32)
@@ -419,9 +446,10 @@ def {name}(
             acc_umax = _maximum(acc_umax, tl.where(valid, mult_, -_INF))
             finite_u = tl.where(valid & (mult_ < _INF), mult_, 0.0)
             m_new = tl.maximum(ess_m, finite_u)
-            inv_m = tl.math.div_rn(1.0, tl.where(m_new == 0.0, 1.0, m_new))
-            shrink = ess_m * inv_m
-            r = finite_u * inv_m
+            # Two divisions, not a reciprocal: 1 / m overflows for a subnormal largest u (SAPO's tiny u).
+            m_safe = tl.where(m_new == 0.0, 1.0, m_new)
+            shrink = tl.math.div_rn(ess_m, m_safe)
+            r = tl.math.div_rn(finite_u, m_safe)
             ess_s1 = ess_s1 * shrink + r
             ess_s2 = ess_s2 * (shrink * shrink) + r * r
             ess_m = m_new
@@ -434,8 +462,9 @@ def {name}(
             acc_absmax = _maximum(acc_absmax, tl.where(valid, abs_ell, -_INF))
             acc_k1 += tl.where(valid, -ell, 0.0)
             acc_k3 += tl.where(valid, _expm1(-ell) + ell, 0.0)
-            clip = ((rho > {ppo_hi}) & (adv > 0.0)) | ((rho < {ppo_lo}) & (adv < 0.0))
-            acc_clip += (valid & clip).to(tl.float32)
+            acc_clip += (valid & clip_).to(tl.float32)
+            acc_clip_lo += (valid & clip_lower_).to(tl.float32)
+            acc_adv += adv
     base = part_ptr + pid * {K}
     tl.store(base + 0, tl.sum(acc_loss, 0))
     tl.store(base + 1, tl.sum(acc_n, 0))
@@ -460,6 +489,8 @@ def {name}(
         tl.store(base + 17, tl.sum(acc_k1, 0))
         tl.store(base + 18, tl.sum(acc_k3, 0))
         tl.store(base + 19, tl.sum(acc_clip, 0))
+        tl.store(base + 20, tl.sum(acc_clip_lo, 0))
+        tl.store(base + 21, tl.sum(acc_adv, 0))
 '''
 
 _FINISH = '''
@@ -485,29 +516,35 @@ def _gipo_finish(part_ptr, loss_ptr, metrics_ptr, P, WITH_METRICS: tl.constexpr,
         sum_r2 = tl.where(u_max < _INF, sum_r2, n_inf)
         ess = tl.math.div_rn((sum_r * sum_r) * inv_n, tl.where(sum_r2 == 0.0, 1.0, sum_r2))
         ess = tl.where(u_max != u_max, u_max, ess)  # NaN in, NaN out, as in the core
-        tl.store(metrics_ptr + 0, tl.sum(tl.load(p + 2, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 1, tl.where(some, tl.min(tl.load(p + 3, mask=ok, other=_INF), 0), 0.0))
-        tl.store(metrics_ptr + 2, tl.sum(tl.load(p + 4, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 3, tl.sum(tl.load(p + 5, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 4, tl.sum(tl.load(p + 6, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 5, tl.sum(tl.load(p + 7, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 6, tl.where(some, u_max, 0.0))
-        tl.store(metrics_ptr + 7, ess)
-        tl.store(metrics_ptr + 8, tl.sum(tl.load(p + 13, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 9, tl.where(some, tl.max(tl.load(p + 14, mask=ok, other=-_INF), 0), 0.0))
-        tl.store(metrics_ptr + 10, tl.sum(tl.load(p + 15, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 11, tl.where(some, tl.max(tl.load(p + 16, mask=ok, other=-_INF), 0), 0.0))
-        tl.store(metrics_ptr + 12, tl.sum(tl.load(p + 17, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 13, tl.sum(tl.load(p + 18, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 14, tl.sum(tl.load(p + 19, mask=ok, other=0.0), 0) * inv_n)
-        tl.store(metrics_ptr + 15, n)
+        k1 = tl.sum(tl.load(p + 17, mask=ok, other=0.0), 0)
+        adv_sum = tl.sum(tl.load(p + 21, mask=ok, other=0.0), 0)
+        # A NaN log-ratio or advantage at a valid element: every diagnostic but n_valid NaN, as in the core.
+        bad = (k1 != k1) | (adv_sum != adv_sum)
+        out = metrics_ptr
+        tl.store(out + 0, tl.where(bad, _NAN, tl.sum(tl.load(p + 2, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 1, tl.where(bad, _NAN, tl.where(some, tl.min(tl.load(p + 3, mask=ok, other=_INF), 0), 0.0)))
+        tl.store(out + 2, tl.where(bad, _NAN, tl.sum(tl.load(p + 4, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 3, tl.where(bad, _NAN, tl.sum(tl.load(p + 5, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 4, tl.where(bad, _NAN, tl.sum(tl.load(p + 6, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 5, tl.where(bad, _NAN, tl.sum(tl.load(p + 7, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 6, tl.where(bad, _NAN, tl.where(some, u_max, 0.0)))
+        tl.store(out + 7, tl.where(bad, _NAN, ess))
+        tl.store(out + 8, tl.where(bad, _NAN, tl.sum(tl.load(p + 13, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 9, tl.where(bad, _NAN, tl.where(some, tl.max(tl.load(p + 14, mask=ok, other=-_INF), 0), 0.0)))
+        tl.store(out + 10, tl.where(bad, _NAN, tl.sum(tl.load(p + 15, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 11, tl.where(bad, _NAN, tl.where(some, tl.max(tl.load(p + 16, mask=ok, other=-_INF), 0), 0.0)))
+        tl.store(out + 12, tl.where(bad, _NAN, k1 * inv_n))
+        tl.store(out + 13, tl.where(bad, _NAN, tl.sum(tl.load(p + 18, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 14, tl.where(bad, _NAN, tl.sum(tl.load(p + 19, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 15, tl.where(bad, _NAN, tl.sum(tl.load(p + 20, mask=ok, other=0.0), 0) * inv_n))
+        tl.store(out + 16, n)
 '''
 
 #: The finishing kernel's metric order; checked against the core's at import.
 _FINISH_ORDER = (
     "weight_mean", "weight_min", "low_weight_frac", "low_weight_frac_pos", "low_weight_frac_neg",
     "grad_mult_mean", "grad_mult_max", "ess", "ratio_mean", "ratio_max", "log_ratio_abs_mean",
-    "log_ratio_abs_max", "kl_k1", "kl_k3", "ppo_clip_frac", "n_valid",
+    "log_ratio_abs_max", "kl_k1", "kl_k3", "ppo_clip_frac", "ppo_clip_frac_lower", "n_valid",
 )  # fmt: skip
 if _FINISH_ORDER != METRIC_NAMES:  # pragma: no cover - a new diagnostic in the core must be added here
     raise ImportError(f"gipo_core._triton_kernel: the core's METRIC_NAMES changed to {METRIC_NAMES}")
@@ -547,6 +584,8 @@ def _minimum(a, b):
 
 _files = itertools.count()
 
+_ROLLOUT_LOAD = " " * 8 + "rr = tl.where(valid, old - tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)"
+
 
 def _define(source: str, namespace: dict[str, Any], interpret: bool) -> dict[str, Any]:
     """Exec ``source`` (one or more top-level functions) with its text registered in ``linecache`` (Triton
@@ -582,7 +621,7 @@ def _runtime(interpret: bool) -> dict[str, Any]:
     triton = _triton()
     import triton.language as tl  # noqa: PLC0415
 
-    namespace: dict[str, Any] = {"tl": tl, "triton": triton, "_INF": tl.constexpr(math.inf)}
+    namespace: dict[str, Any] = {"tl": tl, "triton": triton, "_INF": tl.constexpr(math.inf), "_NAN": tl.constexpr(math.nan)}
     if not interpret:
         from triton.language.extra import libdevice  # noqa: PLC0415
 
@@ -594,25 +633,31 @@ def _runtime(interpret: bool) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=256)
 def _main_kernel(
-    objective: str, options: tuple[tuple[str, Any], ...], with_metrics: bool, interpret: bool
+    objective: str,
+    options: tuple[tuple[str, Any], ...],
+    with_metrics: bool,
+    interpret: bool,
+    rollout: tuple[Any, Any] = (None, None),
 ) -> tuple[Any, tuple[float, ...]]:
     """The main kernel of one option set and its number arguments. Option sets whose code differs only in
     numbers share one kernel (compiled by Triton on first launch, per dtype/flag combination)."""
-    lines, constants = element_code(objective, options, with_metrics)
+    lines, constants = element_code(objective, options, with_metrics, rollout)
     body = "\n".join(" " * 8 + line for line in lines)
-    return _kernel_from_source(objective, body, tuple(constants), interpret), tuple(constants.values())
+    kernel = _kernel_from_source(objective, body, tuple(constants), rollout[0] is not None, interpret)
+    return kernel, tuple(constants.values())
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_from_source(objective: str, body: str, constants: tuple[str, ...], interpret: bool) -> Any:
+def _kernel_from_source(objective: str, body: str, constants: tuple[str, ...], rollout: bool, interpret: bool) -> Any:
     name = f"_gipo_{objective}_{next(_files)}"
     source = _MAIN.format(
         name=name,
         element=body,
         constants="".join(f"{c}, " for c in constants),
         K=_K,
-        ppo_hi=repr(1.0 + DIAGNOSTIC_PPO_EPS),
-        ppo_lo=repr(1.0 - DIAGNOSTIC_PPO_EPS),
+        # The rollout correction (token modes): one more load; its factor multiplies the aggregation weight.
+        rollout=_ROLLOUT_LOAD if rollout else "",
+        rollout_apply=" " * 8 + "c = c * roll_" if rollout else "",
     )
     namespace = dict(_runtime(interpret))
     return _define(source, namespace, interpret)[name]
@@ -626,10 +671,11 @@ def _scale(
 ) -> tuple[int, float, torch.Tensor | None]:
     """(SCALE_KIND, number, tensor) from the core's ``_coefficient`` (the aggregation weight without the mask
     factor, which the kernel applies per element)."""
-    m = mask
-    if m is not None and m.dtype not in (torch.bool, torch.float32):
+    m = valid = mask
+    if m is not None and m.dtype != torch.bool:
         m = m.to(torch.float32)  # the core counts a float16/bfloat16/float64 mask in float32
-    coef = engine._coefficient(m, logp, spec, denominator, torch.float32, _xp, binary=True)
+        valid = m != 0
+    coef = engine._coefficient(m, valid, logp, spec, denominator, torch.float32, _xp, binary=True)
     if isinstance(coef, (int, float)):
         return 0, float(coef), None
     if coef.ndim == 0:
@@ -644,6 +690,8 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     odd sizes span several programs and loop steps).
     """
     logp, old_logp, advantages, mask, behavior_weights, denominator = arrays[:6]
+    rollout_logp = arrays[6] if len(arrays) > 6 else None
+    rollout = (spec.rollout_is, spec.rollout_is_bounds)
     interpret = logp.device.type == "cpu"
     block = block or BLOCK
     shape = logp.shape
@@ -651,21 +699,25 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
     n_time = shape[-1]
     per_row = advantages.shape != shape
     kind, scale_value, scale_tensor = _scale(mask, logp, spec, denominator)
-    flat = [x.contiguous().reshape(-1) if x is not None else None for x in (logp, old_logp, advantages, mask)]
+    flat = [
+        x.contiguous().reshape(-1) if x is not None else None
+        for x in (logp, old_logp, advantages, mask, rollout_logp if spec.rollout_is is not None else None)
+    ]
     bw = behavior_weights.contiguous().reshape(-1) if behavior_weights is not None else None
     saved = torch.empty(shape, dtype=torch.float32, device=logp.device)
     n_blocks = -(-n // block)
     mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
-    main, constants = _main_kernel(spec.objective, spec.options, spec.with_metrics, interpret)
+    with_metrics = bool(spec.with_metrics)
+    main, constants = _main_kernel(spec.objective, spec.options, with_metrics, interpret, rollout)
     finish = _runtime(interpret)["_gipo_finish"]
     dummy = flat[0]
     pointers = (
         flat[0], flat[1], flat[2], flat[3] if mask is not None else dummy, bw if bw is not None else dummy,
-        scale_tensor if scale_tensor is not None else dummy,
+        flat[4] if flat[4] is not None else dummy, scale_tensor if scale_tensor is not None else dummy,
     )  # fmt: skip
     flags = dict(
         MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=bw is not None, SCALE_KIND=kind,
-        WITH_METRICS=spec.with_metrics, OFFSETS_64=n + block >= 2**31, BLOCK=block,
+        WITH_METRICS=with_metrics, OFFSETS_64=n + block >= 2**31, BLOCK=block,
     )  # fmt: skip
     loss = torch.empty((), dtype=torch.float32, device=logp.device)
     metrics = torch.empty(len(METRIC_NAMES), dtype=torch.float32, device=logp.device)
@@ -680,9 +732,34 @@ def forward(arrays: tuple[Any, ...], spec: LossSpec, *, block: int | None = None
         main[(programs,)](*pointers, scale_value, saved, part, n, n_time, n_blocks, *constants, **flags, **launch)
         finish[(1,)](
             part, loss, metrics, programs,
-            WITH_METRICS=spec.with_metrics, BLOCK_P=max(16, 1 << (programs - 1).bit_length()),
+            WITH_METRICS=with_metrics, BLOCK_P=max(16, 1 << (programs - 1).bit_length()),
         )  # fmt: skip
-    return loss, saved, metrics if spec.with_metrics else None
+    if not with_metrics:
+        return loss, saved, None
+    names = engine.metric_names(spec, False)
+    if names != METRIC_NAMES:  # "basic": the kernel computes every diagnostic, the call returns its subset
+        metrics = metrics[_subset(names, metrics.device)]
+    if rollout_logp is not None:
+        metrics = torch.cat([metrics, _rollout_metrics(old_logp, rollout_logp, mask, spec)])
+    return loss, saved, metrics
+
+
+@functools.lru_cache(maxsize=16)
+def _subset(names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The positions of ``names`` in ``METRIC_NAMES``, as an index tensor on ``device`` (made once)."""
+    return torch.tensor([METRIC_NAMES.index(k) for k in names], device=device)
+
+
+def _rollout_metrics(old_logp: Any, rollout_logp: Any, mask: Any, spec: LossSpec) -> torch.Tensor:
+    """The diagnostics of the rollout correction (``engine.ROLLOUT_METRIC_NAMES``), by the core's own
+    functions one torch op at a time (a few passes over two inputs; the kernel does the loss and gradient)."""
+    r = old_logp.to(torch.float32) - rollout_logp.to(torch.float32)
+    valid = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    if valid is not None:
+        r = torch.where(valid, r, 0.0)
+    correction = None if spec.rollout_is is None else engine._rollout_correction(r, valid, None, spec, _xp)
+    values = engine._rollout_diagnostics(r, correction, valid, r, spec, _xp)
+    return torch.stack([values[k] for k in engine.ROLLOUT_METRIC_NAMES])
 
 
 _resident: dict[tuple, int] = {}
@@ -718,7 +795,7 @@ def try_forward(arrays: tuple[Any, ...], spec: LossSpec) -> tuple[Any, Any, Any]
         return None
     if _state["interpret"]:
         return forward(arrays, spec)
-    key = (spec.objective, spec.options, spec.with_metrics)
+    key = (spec.objective, spec.options, bool(spec.with_metrics), spec.rollout_is, spec.rollout_is_bounds)
     if key in _state["warned"]:
         return None
     try:

@@ -14,6 +14,7 @@ cover every objective, aggregation, mask kind and dtype without taking their pro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -105,8 +106,9 @@ def check(arrays, spec, *, block, exact_nan=False):
     torch.testing.assert_close(saved.cpu(), ref_saved, **tol)
     torch.testing.assert_close(loss.cpu(), ref_loss, **tol)
     if spec.with_metrics:
-        assert stacked.shape == (len(METRIC_NAMES),) and stacked.device == arrays[0].device
-        for name, got, want in zip(METRIC_NAMES, stacked.cpu(), ref_stacked):
+        names = engine.metric_names(spec, len(arrays) > 6 and arrays[6] is not None)
+        assert stacked.shape == (len(names),) and stacked.device == arrays[0].device
+        for name, got, want in zip(names, stacked.cpu(), ref_stacked):
             torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
     else:
         assert stacked is None
@@ -122,8 +124,9 @@ OBJECTIVE_CASES = [
     ("ppo_clip", {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": None}),
     ("ppo_clip", {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0}),
     ("sapo", {"tau_pos": 1.0, "tau_neg": 1.05}),
-    ("cispo", {"clip_max": 5.0}),
+    ("cispo", {"clip_max": 5.0, "clip_min": None}),
     ("no_clip", {}),
+    ("cispo", {"clip_max": 4.0, "clip_min": 0.6}),
 ]
 MASKS = ("none", "bool", "float")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,15 +137,15 @@ def _spec(objective, opts, **kw):
     return LossSpec(objective, options, **kw)
 
 
-# Twenty cases: every objective twice, every (aggregation, mask kind) pair (a new mode of the core too), every
-# dtype with every mask kind, per-sequence advantages, behaviour weights and diagnostics on and off spread over
-# them (each aggregation with and without per-sequence advantages).
+# Twenty-two cases: every objective option case twice, every (aggregation, mask kind) pair (a new mode of the
+# core too), every dtype with every mask kind, per-sequence advantages, behaviour weights and diagnostics (all,
+# "basic", none) spread over them (each aggregation with and without per-sequence advantages).
 CASES = [
     (
         *OBJECTIVE_CASES[k % len(OBJECTIVE_CASES)], AGG_MODES[k % len(AGG_MODES)], MASKS[k % 3], DTYPES[(k // 3) % 3],
-        (k // 4) % 2 == 1, (k // 2) % 3 != 2, k % 5 != 4,
+        (k // 4) % 2 == 1, (k // 2) % 3 != 2, (True, True, "basic", True, False)[k % 5 if k % 7 else 2],
     )  # fmt: skip
-    for k in range(20)
+    for k in range(22)
 ]
 
 
@@ -159,6 +162,48 @@ def test_case_coverage():
     assert {(c[3], c[4]) for c in CASES} == {(m, d) for m in MASKS for d in DTYPES}
     assert {c[0] for c in CASES} == set(OBJECTIVES)
     assert {(c[2], c[5]) for c in CASES} == {(a, p) for a in AGG_MODES for p in (False, True)}
+    assert {c[7] for c in CASES} == {True, False, "basic"}
+    assert {(c[0], c[1]["clip_min"] is None) for c in CASES if c[0] == "cispo"} == {("cispo", True), ("cispo", False)}
+
+
+ROLLOUT_CASES = [
+    (None, None, "bool", torch.float32, True),
+    ("token-truncate", None, "float", torch.bfloat16, True),
+    ("token-truncate", (0.5, 1.5), "none", torch.float32, "basic"),
+    ("token-mask", None, "bool", torch.float16, True),
+    ("token-mask", (0.0, 3.0), "float", torch.float32, False),
+]
+
+
+@pytest.mark.parametrize(("mode", "bounds", "mask", "dtype", "metrics"), ROLLOUT_CASES)
+def test_token_rollout_corrections_equal_the_core(mode, bounds, mask, dtype, metrics):
+    """rollout_logp with a token-level correction: one more load, the core's clamp or mask of exp(old -
+    rollout) traced into the kernel; the rollout diagnostics by the core's own functions."""
+    logp, old, adv, m, w = make_batch((3, 37), seed=13, dtype=dtype, mask=mask)
+    g = torch.Generator().manual_seed(1)
+    rollout = old.double() + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    rollout.view(-1)[::9] -= 2.0  # weights e^2 and more: truncated or masked
+    if m is not None:
+        rollout[m == 0] = math.nan
+    spec = _spec(*OBJECTIVE_CASES[1], agg="seq-mean-token-mean", with_metrics=metrics, rollout_is=mode,
+                 rollout_is_bounds=bounds)  # fmt: skip
+    check((logp, old, adv, m, w, None, rollout.to(dtype)), spec, block=32)
+
+
+@pytest.mark.parametrize("metrics", [True, "basic"])
+@pytest.mark.parametrize("where", ["logp", "advantages"])
+def test_a_nan_at_a_valid_element_makes_every_diagnostic_nan(where, metrics):
+    """The core's rule: a NaN log-ratio or advantage at an unmasked element gives NaN in every diagnostic but
+    n_valid (and in the loss); +inf and -inf log-ratios together count as a NaN."""
+    logp, old, adv, m, w = make_batch((3, 37), seed=2, mask="bool")
+    (logp if where == "logp" else adv)[1, 5], m[1, 5] = math.nan, True
+    spec = _spec(*OBJECTIVE_CASES[6], with_metrics=metrics)
+    _, _, stacked = check((logp, old, adv, m, w, None), spec, block=32, exact_nan=True)
+    assert stacked[:-1].isnan().all() and stacked[-1] == m.sum()
+    logp, old, adv, m, w = make_batch((3, 37), seed=2, mask="bool")
+    logp[0, 1], logp[2, 2], old[0, 1], old[2, 2], m[0, 1], m[2, 2] = math.inf, -math.inf, -1.0, -1.0, True, True
+    _, _, stacked = check((logp, old, adv, m, w, None), _spec(*OBJECTIVE_CASES[0]), block=32, exact_nan=True)
+    assert stacked[:-1].isnan().all()
 
 
 # On a GPU also sizes where every program loops over several blocks (more than fit on the GPU at once).
@@ -221,17 +266,53 @@ def test_the_public_api_takes_the_kernel_and_set_fused_never_turns_it_off(monkey
         torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=2e-5, atol=1e-6)
 
 
+def test_the_public_api_takes_the_kernel_with_a_token_rollout_correction(monkeypatch):
+    calls = []
+    real = tk.forward
+    monkeypatch.setattr(tk, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logp, old, adv, m, _ = make_batch((2, 40), seed=17, mask="bool")
+    rollout = torch.where(m, old - 0.5 * torch.rand(old.shape, generator=torch.Generator().manual_seed(2)), math.nan)
+    args = [x.to(DEVICE) for x in (logp, old, adv, m, rollout)]
+    kw = dict(rollout_logp=args[4], rollout_is="token-mask", rollout_is_bounds=(0.7, 1.4), with_metrics="basic")
+    results = []
+    for mode in ("always", "never"):
+        gt.set_fused(mode)
+        x = args[0].clone().requires_grad_(True)
+        out = gt.ppo_clip_loss(x, *args[1:4], dual_clip=3.0, **kw)
+        results.append((out, *torch.autograd.grad(out.loss, x)))
+    assert len(calls) == 1
+    (out, grad), (ref, ref_grad) = results
+    assert list(out.metrics) == list(ref.metrics) and "rollout_masked_token_frac" in out.metrics
+    assert ref.metrics["rollout_masked_token_frac"] > 0
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-6)
+    for key in ref.metrics:
+        torch.testing.assert_close(out.metrics[key], ref.metrics[key], rtol=2e-5, atol=1e-6)
+
+
 def test_what_it_does_not_cover_falls_back():
     logp, old, adv, m, _ = make_batch((2, 9))
     spec = _spec(*OBJECTIVE_CASES[0])
     assert tk.supports((logp, old, adv, m, None, None), spec) is None
     assert "float64" in tk.supports((logp.double(), old, adv, m, None, None), spec)
     assert "empty" in tk.supports((logp[:0], old[:0], adv[:0], None, None, None), spec)
-    assert "rollout_logp" in tk.supports((logp, old, adv, m, None, None, old), spec)
-    odd = LossSpec("gipo", spec.options + (("opsm_delta", 0.5),))
-    assert "off-policy" in tk.supports((logp, old, adv, m, None, None), odd)
-    neutral = LossSpec("gipo", spec.options + (("rollout_is", None),))
-    assert tk.supports((logp, old, adv, m, None, None), neutral) is None
+    assert tk.supports((logp, old, adv, m, None, None, None), spec) is None
+    assert tk.supports((logp, old, adv, m, None, None, old), spec) is None
+    sequence_is = dataclasses.replace(spec, rollout_is="sequence-truncate")
+    assert "sequence-level" in tk.supports((logp, old, adv, m, None, None, old), sequence_is)
+    assert "float64" in tk.supports((logp, old, adv, m, None, None, old.double()), spec)
+    for field, value in (("opsm_delta", 0.5), ("ratio_level", "sequence"), ("rollout_is", "sequence-mask")):
+        assert field in tk.supports((logp, old, adv, m, None, None), dataclasses.replace(spec, **{field: value}))
+    assert "options" in tk.supports((logp, old, adv, m, None, None), LossSpec("gipo", spec.options[:1]))
+    # Through the API: the off-policy options run the core, with their own diagnostics.
+    gt.set_fused("always")
+    args = [x.to(DEVICE) for x in (logp, old, adv, m)]
+    offpolicy = ({"rollout_logp": args[1] - 0.1, "rollout_is": "geometric-mask"}, {"ratio_level": "sequence"},
+                 {"opsm_delta": 0.5})  # fmt: skip
+    for kw in offpolicy:
+        out = gt.gipo_loss(*args, **kw)
+        want = gt.gipo_loss(*[x.cpu() for x in args], **{k: getattr(v, "cpu", lambda v=v: v)() for k, v in kw.items()})
+        assert out.metrics.keys() == want.metrics.keys() and len(out.metrics) > len(METRIC_NAMES)
     # Through the API: float64 runs the core.
     gt.set_fused("auto")
     out = gt.gipo_loss(logp.double().to(DEVICE), old.double().to(DEVICE), adv.double().to(DEVICE), m.to(DEVICE))
@@ -243,7 +324,8 @@ def test_the_objectives_are_traced_from_the_core():
     for objective, opts in OBJECTIVE_CASES:
         options = _spec(objective, opts).options
         lines, constants = tk.element_code(objective, options, with_metrics=True)
-        assert [line.split(" = ")[0] for line in lines[-4:]] == ["loss_", "grad_", "mult_", "weight_"]
+        outputs = ["loss_", "grad_", "mult_", "weight_", "clip_", "clip_lower_"]
+        assert [line.split(" = ")[0] for line in lines[-6:]] == outputs
         assert all(isinstance(v, float) for v in constants.values())
     trace = tk._Trace()
     with pytest.raises(TypeError, match="branched on an array value"):
@@ -277,14 +359,15 @@ from triton.backends.compiler import GPUTarget
 from gipo_core import _triton_kernel as tk
 
 target = GPUTarget("cuda", 90, 32)
-pointers = ("logp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "bw_ptr", "scale_ptr", "saved_ptr", "part_ptr")
+pointers = ("logp_ptr", "old_ptr", "adv_ptr", "mask_ptr", "bw_ptr", "roll_ptr", "scale_ptr", "saved_ptr", "part_ptr")
 variants = [
     ("gipo", (("sigma", 1.0), ("sigma_neg", 0.5), ("kernel", "gaussian")), "bf16", "i1", 1, True, 2, True),
     ("sapo", (("tau_pos", 1.0), ("tau_neg", 1.05)), "fp16", "fp32", 2, False, 1, True),
-    ("cispo", (("clip_max", 5.0),), "fp32", "fp16", 2, True, 0, False),
+    ("cispo", (("clip_max", 5.0), ("clip_min", 0.5)), "fp32", "fp16", 2, True, 0, False),
 ]
-for objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics in variants:
-    main = tk._main_kernel(objective, options, metrics, False)[0]
+for k, (objective, options, dtype, mask_dtype, mask_kind, per_row, scale_kind, metrics) in enumerate(variants):
+    rollout = [(None, None), ("token-truncate", None), ("token-mask", (0.5, 2.0))][k]
+    main = tk._main_kernel(objective, options, metrics, False, rollout)[0]
     flags = dict(MASK_KIND=mask_kind, ADV_PER_ROW=per_row, HAS_BW=True, SCALE_KIND=scale_kind,
                  WITH_METRICS=metrics, OFFSETS_64=per_row, BLOCK=tk.BLOCK)
     signature = {name: "*fp32" for name in pointers}

@@ -424,6 +424,23 @@ def _nan_if(flag: Any, values: dict[str, Any], xp: Any, keep: tuple[str, ...] = 
     return {k: (v if k in keep else xp.where(flag, math.nan, v)) for k, v in values.items()}
 
 
+def ppo_clip_conditions(ell_eff: Any, adv: Any, spec: LossSpec) -> tuple[Any, Any]:
+    """Per element: whether PPO-clip's band silences it, and whether a dual clip caps it (the conditions of
+    ``ppo_clip_frac`` and ``ppo_clip_frac_lower``; see ``diagnostics``). False where ``adv`` is 0."""
+    opts = spec.opts
+    is_ppo = spec.objective == "ppo_clip"
+    if is_ppo:
+        hi, lo = 1.0 + opts["clip_high"], 1.0 - opts["clip_low"]
+    else:
+        hi, lo = 1.0 + DIAGNOSTIC_PPO_EPS, 1.0 - DIAGNOSTIC_PPO_EPS
+    dual = opts.get("dual_clip") if is_ppo else None
+    if dual is None:
+        dual = DIAGNOSTIC_DUAL_CLIP
+    # rho vs the band, as ell vs its log: no exp needed (the same decision up to the last bit)
+    clipped = ((ell_eff > math.log(hi)) & (adv > 0)) | ((ell_eff < math.log(lo)) & (adv < 0))
+    return clipped, (adv < 0) & (ell_eff > math.log(dual))
+
+
 def diagnostics(
     ell: Any, ell_eff: Any, adv: Any, mult: Any, valid: Any, spec: LossSpec, xp: Any, names: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -445,7 +462,6 @@ def diagnostics(
     """
     objective = OBJECTIVES[spec.objective]
     opts = spec.opts
-    is_ppo = objective.name == "ppo_clip"
     if not names:
         names = METRIC_NAMES
     red = _Reducer(ell, valid, xp)
@@ -456,13 +472,6 @@ def diagnostics(
             cache[key] = parts[key]()
         return cache[key]
 
-    if is_ppo:
-        hi, lo = 1.0 + opts["clip_high"], 1.0 - opts["clip_low"]
-    else:
-        hi, lo = 1.0 + DIAGNOSTIC_PPO_EPS, 1.0 - DIAGNOSTIC_PPO_EPS
-    dual = opts.get("dual_clip") if is_ppo else None
-    if dual is None:
-        dual = DIAGNOSTIC_DUAL_CLIP
     parts = {
         "omega": lambda: objective.weight(ell_eff, adv, opts, xp),
         "rho": lambda: xp.exp(ell_eff),
@@ -486,11 +495,9 @@ def diagnostics(
         "kl_k1": lambda: -get("ell_sum") * red.inv_n,
         "ell_sum": lambda: xp.sum(ell),  # ell is 0 at masked elements already
         "kl_k3": lambda: red.mean(xp.expm1(-ell) + ell, zero_outside=True),
-        # rho vs the band, as ell vs its log: no exp needed (the same decision up to the last bit)
-        "ppo_clip_frac": lambda: red.frac(
-            ((ell_eff > math.log(hi)) & (adv > 0)) | ((ell_eff < math.log(lo)) & (adv < 0)), false_outside=True
-        ),
-        "ppo_clip_frac_lower": lambda: red.frac((adv < 0) & (ell_eff > math.log(dual)), false_outside=True),
+        "clipped": lambda: ppo_clip_conditions(ell_eff, adv, spec),
+        "ppo_clip_frac": lambda: red.frac(get("clipped")[0], false_outside=True),
+        "ppo_clip_frac_lower": lambda: red.frac(get("clipped")[1], false_outside=True),
         "n_valid": lambda: red.n_valid,
     }
     values = {name: get(name) for name in names}
