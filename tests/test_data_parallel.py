@@ -54,7 +54,7 @@ GLOBAL_DENOMINATOR = {
     "token-mean": lambda mask, horizon: mask.sum(),
     "seq-mean-token-sum": lambda mask, horizon: _n_seq(mask),
     "seq-mean-token-mean": lambda mask, horizon: _n_seq(mask),
-    "seq-mean-token-sum-norm": lambda mask, horizon: horizon,
+    "seq-mean-token-sum-norm": lambda mask, horizon: _n_seq(mask) * horizon,
     "token-sum": lambda mask, horizon: 1,
 }
 

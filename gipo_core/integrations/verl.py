@@ -36,7 +36,6 @@ gipo-core's ``behavior_weights``.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field, fields
@@ -357,26 +356,18 @@ def _verl_metrics(
 
     ``actor/pg_clipfrac``: for PPO-clip the fraction the clip silences at the loss's own band (verl's
     meaning), for the other objectives gipo-core's ``low_weight_frac`` (trust weight below 1/2).
-    ``actor/pg_clipfrac_lower`` (PPO-clip only): the fraction the dual clip caps. ``actor/ppo_kl``:
+    ``actor/pg_clipfrac_lower`` (PPO-clip with a dual clip only): the fraction the dual clip caps. With
+    ``with_metrics="basic"`` only the names whose diagnostics were computed are reported. ``actor/ppo_kl``:
     ``kl_k1``, the mean of ``old_log_prob - log_prob``.
     """
     ref = metrics["kl_k1"]
     verl: dict[str, Any] = {}
     if objective == "ppo_clip":
-        if "ppo_clip_frac_lower" in metrics:  # gipo-core reports both fractions at the loss's band
+        if "ppo_clip_frac" in metrics:
             verl["actor/pg_clipfrac"] = metrics["ppo_clip_frac"]
+        if options.get("dual_clip") is not None and "ppo_clip_frac_lower" in metrics:
             verl["actor/pg_clipfrac_lower"] = metrics["ppo_clip_frac_lower"]
-        elif options.get("dual_clip") is None:
-            verl["actor/pg_clipfrac"] = metrics["low_weight_frac"]  # PPO's 0/1 weight: 0 where clipped
-        else:
-            # The 0/1 weight is 0 where either clip acts, and the two never overlap (the dual clip needs
-            # A < 0 and rho > c > 1, where the first clip leaves the gradient alone).
-            log_ratio = log_prob.detach() - old_log_prob.detach()
-            capped = (advantages < 0) & (log_ratio > math.log(options["dual_clip"])) & mask
-            lower = capped.sum().to(ref.dtype) / metrics["n_valid"].clamp(min=1)
-            verl["actor/pg_clipfrac"] = metrics["low_weight_frac"] - lower
-            verl["actor/pg_clipfrac_lower"] = lower
-    else:
+    elif "low_weight_frac" in metrics:
         verl["actor/pg_clipfrac"] = metrics["low_weight_frac"]
     verl["actor/ppo_kl"] = metrics["kl_k1"]
     verl.update({_METRIC_PREFIX + key: value for key, value in metrics.items()})

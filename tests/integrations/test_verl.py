@@ -389,3 +389,10 @@ def test_a_bad_dp_size_is_a_clear_error(dp_size):
     mask = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="dp_size must be an int >= 1"):
         gv.verl_denominator("token-mean", mask, dp_size=dp_size, batch_num_tokens=6)
+
+
+def test_module_docstring_examples():
+    """The plug-in's doctests run here, where verl is installed (the main run's doctest test leaves it out)."""
+    from test_readme import check_doctests
+
+    check_doctests("gipo_core.integrations.verl")
