@@ -40,6 +40,7 @@ __all__ = [
     "FusedArgs",
     "FusedLinearOutput",
     "check_fused_args",
+    "readable_targets",
     "aggregation_weight",
     "chunk_spec",
     "fused_spec",
@@ -131,6 +132,17 @@ def two_pass(spec: LossSpec) -> bool:
     whole batch come first (pass 1) and the logits are computed again for the gradients (pass 2)."""
     token_is = spec.rollout_is is None or spec.rollout_is.startswith("token-")
     return spec.ratio_level != "token" or not token_is or spec.opsm_delta is not None
+
+
+def readable_targets(fn: str, target_ids: Any, mask: Any, vocab: int, with_entropy: Any, xp: Any) -> Any:
+    """Check ``with_entropy``; return ``target_ids`` with any id out of range at a masked position (-100, as
+    trainers pad, say) read as 0 there, so that the gather never leaves the vocabulary."""
+    if not isinstance(with_entropy, bool):
+        raise TypeError(f"`{fn}`: `with_entropy` must be True or False; got {with_entropy!r}")
+    if mask is None:
+        return target_ids
+    in_range = (target_ids >= 0) & (target_ids < vocab)
+    return xp.where((mask != 0) | in_range, target_ids, 0)
 
 
 def check_fused_args(

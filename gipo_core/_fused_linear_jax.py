@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._core.engine import forward
-from ._fused_linear import FusedLinearOutput, aggregation_weight, check_fused_args, chunk_spec, fused_spec, two_pass
+from ._fused_linear import (
+    FusedLinearOutput,
+    aggregation_weight,
+    check_fused_args,
+    chunk_spec,
+    fused_spec,
+    readable_targets,
+    two_pass,
+)
 from ._lib.namespace import array_namespace
 
 __all__ = ["FusedLinearOutput", "fused_linear_loss"]
@@ -257,8 +265,6 @@ def fused_linear_loss(
             hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, denominator, rollout_logp
         )
     )
-    if not isinstance(with_entropy, bool):
-        raise TypeError(f"`{_FN}`: `with_entropy` must be True or False; got {with_entropy!r}")
     xp = array_namespace(
         hidden, weight, target_ids, old_logp, advantages, mask, bias, behavior_weights, rollout_logp, fn=_FN
     )
@@ -282,9 +288,7 @@ def fused_linear_loss(
         backend=_BACKEND,
         xp=xp,
     )
-    if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
-        in_range = (target_ids >= 0) & (target_ids < weight.shape[0])
-        target_ids = jnp.where((mask != 0) | in_range, target_ids, 0)
+    target_ids = readable_targets(_FN, target_ids, mask, weight.shape[0], with_entropy, xp)
     static = (args, with_entropy, xp)
     loss, metrics, logp, entropy = _fused(static, hidden, weight, bias, target_ids, *arrays[1:])
     return FusedLinearOutput(loss, metrics, logp, entropy)

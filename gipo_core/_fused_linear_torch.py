@@ -27,6 +27,7 @@ from ._fused_linear import (
     check_fused_args,
     chunk_spec,
     fused_spec,
+    readable_targets,
     spec_keywords,
     two_pass,
 )
@@ -314,8 +315,6 @@ def fused_linear_loss(
     for name, value in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"`{_FN}`: `{name}` must be a torch.Tensor; got {type(value).__name__}")
-    if not isinstance(with_entropy, bool):
-        raise TypeError(f"`{_FN}`: `with_entropy` must be True or False; got {with_entropy!r}")
     from .torch import _BACKEND  # here: gipo_core.torch imports this module
 
     arrays, args = check_fused_args(
@@ -336,9 +335,7 @@ def fused_linear_loss(
         backend=_BACKEND,
         xp=_xp,
     )
-    if mask is not None:  # an id out of range at a masked position (-100, say) is read as 0 there
-        in_range = (target_ids >= 0) & (target_ids < weight.shape[0])
-        target_ids = torch.where((mask != 0) | in_range, target_ids, 0)
+    target_ids = readable_targets(_FN, target_ids, mask, weight.shape[0], with_entropy, _xp)
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
